@@ -1,0 +1,1 @@
+"""Encoder families; each module registers itself (imported on first registry lookup)."""

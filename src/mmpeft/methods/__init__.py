@@ -1,0 +1,1 @@
+"""Methods; each module registers itself (imported on first registry lookup)."""

@@ -1,0 +1,60 @@
+"""What every method shares: the config base, capabilities and the ``attach`` contract (DESIGN §3).
+
+A method file holds a config dataclass (field docstrings are the CLI help), the ``nn.Module``s
+(flat arguments, no config objects) and a registered ``Method`` whose ``attach`` puts modules at
+the backbone's attachment points and returns the container stored at ``model.peft[name]``.
+Containers are ``ModuleDict``s keyed by modality where a part belongs to one modality, so the
+parameter report can split counts per modality; shared parts go under other keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..model import MultimodalModel
+
+
+@dataclass
+class MethodConfig:
+    modalities: list[str] | None = None
+    """Modalities the method acts on (None: all of the model's)."""
+    layers: list[int] | None = None
+    """Block indices per encoder the method acts on, negative from the end (None: the method's default)."""
+
+
+class Method:
+    """Base of registered methods. Capabilities switch on generic contract tests."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    identity_at_init: ClassVar[bool] = False
+    """The model equals the frozen model before the first optimizer step."""
+    min_modalities: ClassVar[int] = 1
+    needs_equal_width: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+    provides_fusion: ClassVar[bool] = False
+    """The method sets the model's fusion (features from all final sequences); one per model."""
+    trains_base_weights: ClassVar[bool] = False
+    """Unfreezes encoder weights (``full``); every other method trains only ``model.peft``."""
+    may_skip_params: ClassVar[bool] = False
+    """Some parameters may get no gradient in a step (DDP must look for unused parameters)."""
+
+    @classmethod
+    def attach(cls, model: MultimodalModel, cfg: MethodConfig) -> nn.Module | None:
+        raise NotImplementedError
+
+    # --- helpers for attach -------------------------------------------------------------------
+    @staticmethod
+    def modalities(model: MultimodalModel, cfg: MethodConfig) -> list[str]:
+        names = model.backbone.modalities if cfg.modalities is None else list(cfg.modalities)
+        for m in names:
+            model.backbone._check_modality(m)
+        return names
+
+    @staticmethod
+    def layers(model: MultimodalModel, modality: str, cfg: MethodConfig) -> list[int]:
+        return model.backbone.resolve_layers(modality, cfg.layers)

@@ -1,0 +1,193 @@
+"""The multimodal model: lockstep backbone + methods' modules (``model.peft``) + a task head.
+
+Everything trainable lives under ``model.peft`` (one entry per attached method, plus ``head``),
+except for methods that deliberately unfreeze base weights (``full``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import LockstepBackbone, States
+from .config import ConfigError, from_dict
+from .encoders.base import Encoder, freeze
+from .heads import HeadConfig, MLPHead
+from .methods.base import Method, MethodConfig
+from .registry import ENCODERS, METHODS
+
+
+@dataclass
+class EncoderSpec:
+    type: str
+    """Registered encoder family (``mmpeft list encoders``)."""
+    path: str | None = None
+    """Local directory or hub name of pretrained weights; None builds random weights from ``config``."""
+    config: dict = field(default_factory=dict)
+    """Model config overrides for a randomly initialised encoder (tests, toy runs)."""
+    options: dict = field(default_factory=dict)
+    """Family-specific keyword options passed to the encoder (e.g. ``pooling``)."""
+
+
+@dataclass
+class ModelSpec:
+    encoders: dict
+    """Modality name -> encoder spec."""
+    methods: list = field(default_factory=list)
+    """Methods to attach, in order; each a mapping with ``name`` and that method's options."""
+    head: dict = field(default_factory=dict)
+    """Task head options (``HeadConfig``)."""
+
+
+def parse_method_entry(entry: dict, where: str) -> tuple[str, type[Method], MethodConfig]:
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ConfigError(f"{where}: each method needs a 'name', got {entry!r}")
+    options = dict(entry)
+    name = options.pop("name")
+    key = options.pop("key", name)
+    try:
+        method = METHODS.get(name)
+    except KeyError as e:
+        raise ConfigError(f"{where}: {e.args[0]}") from None
+    return key, method, from_dict(method.config_class, options, where=f"{where} ({name})")
+
+
+def validate_model_spec(data: dict) -> tuple[ModelSpec, dict[str, EncoderSpec], list, HeadConfig]:
+    """Parse and check a model config completely before anything is built."""
+    spec = from_dict(ModelSpec, data, where="model")
+    if not isinstance(spec.encoders, dict) or not spec.encoders:
+        raise ConfigError("model.encoders must map at least one modality to an encoder spec")
+    encoders = {}
+    for modality, enc in spec.encoders.items():
+        encoders[modality] = from_dict(EncoderSpec, enc, where=f"model.encoders.{modality}")
+        if encoders[modality].type not in ENCODERS:
+            try:
+                ENCODERS.get(encoders[modality].type)
+            except KeyError as e:
+                raise ConfigError(f"model.encoders.{modality}.type: {e.args[0]}") from None
+    methods = [parse_method_entry(e, f"model.methods[{i}]") for i, e in enumerate(spec.methods)]
+    keys = [k for k, _, _ in methods]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ConfigError(f"model.methods: {dupes} attached twice; give each a distinct 'key'")
+    for key, _method, cfg in methods:
+        for m in cfg.modalities or []:
+            if m not in encoders:
+                raise ConfigError(f"model.methods ({key}): unknown modality {m!r}; have {sorted(encoders)}")
+    head = from_dict(HeadConfig, spec.head, where="model.head")
+    return spec, encoders, methods, head
+
+
+def build_encoder(modality: str, spec: EncoderSpec) -> Encoder:
+    cls = ENCODERS.get(spec.type)
+    if spec.path is not None:
+        return cls.from_pretrained(spec.path, modality=modality, **spec.options)
+    return cls.from_config(spec.config, modality=modality, **spec.options)
+
+
+def build_model(config: dict) -> MultimodalModel:
+    """Build encoders (frozen), attach the configured methods and the head."""
+    _, enc_specs, methods, head = validate_model_spec(config)
+    encoders = {m: build_encoder(m, s) for m, s in enc_specs.items()}
+    model = MultimodalModel(encoders, head)
+    for key, method, cfg in methods:
+        model.attach(method, cfg, key=key)
+    model.finish()
+    model.config = config
+    return model
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, encoders: dict[str, Encoder], head: HeadConfig | None = None):
+        super().__init__()
+        for enc in encoders.values():
+            freeze(enc).eval()
+        self.backbone = LockstepBackbone(encoders)
+        self.peft = nn.ModuleDict()
+        self.head_config = head or HeadConfig()
+        self.fusion: nn.Module | None = None  # set by a method with provides_fusion
+        self.methods: dict[str, type[Method]] = {}
+        self.config: dict | None = None  # the model config, when built by build_model
+
+    # --- building -----------------------------------------------------------------------------
+    def attach(self, method: type[Method] | str, cfg: MethodConfig | None = None, key: str | None = None):
+        method = METHODS.get(method) if isinstance(method, str) else method
+        cfg = cfg or method.config_class()
+        key = key or method.name
+        if key in self.peft or key == "head":
+            raise ValueError(f"a method is already attached under {key!r}; give a distinct key")
+        n = len(cfg.modalities or self.backbone.modalities)
+        if n < method.min_modalities:
+            raise ValueError(
+                f"method {method.name!r} needs at least {method.min_modalities} modalities, got {n}"
+            )
+        if method.needs_equal_width:
+            dims = {m: self.backbone.encoders[m].dim for m in cfg.modalities or self.backbone.modalities}
+            if len(set(dims.values())) > 1:
+                raise ValueError(f"method {method.name!r} needs encoders of equal width, got {dims}")
+        container = method.attach(self, cfg)
+        if container is not None:
+            self.peft[key] = container
+        self.methods[key] = method
+        return container
+
+    def set_fusion(self, module: nn.Module) -> None:
+        """Install ``module(states, backbone) -> (B, out_dim)`` as the feature fusion."""
+        if self.fusion is not None:
+            raise ValueError("two methods both set the model's fusion; attach only one fusion method")
+        # a plain reference: the module's parameters are registered once, under model.peft
+        object.__setattr__(self, "fusion", module)
+
+    def set_head(self, module: nn.Module) -> None:
+        self.peft["head"] = module
+
+    def feature_dim(self) -> int:
+        if self.fusion is not None:
+            return self.fusion.out_dim
+        return sum(e.dim for e in self.backbone.encoders.values())
+
+    def finish(self) -> None:
+        """Build the default head once all methods are attached."""
+        if "head" not in self.peft and self.head_config.num_outputs > 0:
+            h = self.head_config
+            self.peft["head"] = MLPHead(self.feature_dim(), h.num_outputs, h.hidden, h.dropout)
+
+    # --- running ------------------------------------------------------------------------------
+    def pooled(self, states: States) -> dict[str, Tensor]:
+        return {m: self.backbone.encoders[m].pool(s) for m, s in states.items()}
+
+    def features(self, states: States) -> Tensor:
+        if self.fusion is not None:
+            return self.fusion(states, self.backbone)
+        return torch.cat(list(self.pooled(states).values()), dim=-1)
+
+    def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Raw inputs per modality -> {"logits", "features", "states"}."""
+        states = self.backbone(inputs)
+        feats = self.features(states)
+        logits = self.peft["head"](feats) if "head" in self.peft else feats
+        return {"logits": logits, "features": feats, "states": states}
+
+    def train(self, mode: bool = True) -> MultimodalModel:
+        """Frozen encoders stay in eval mode (dropout off) unless their weights train."""
+        super().train(mode)
+        for enc in self.backbone.encoders.values():
+            trainable = any(p.requires_grad for p in enc.parameters())
+            enc.train(mode and trainable)
+        return self
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        with self.backbone.disabled():
+            yield
+
+    # --- reports ------------------------------------------------------------------------------
+    def print_trainable_parameters(self) -> None:
+        from .report import format_parameter_report
+
+        print(format_parameter_report(self))

@@ -1,0 +1,69 @@
+"""Tiny backbones and per-method test configs shared by the generated tests.
+
+Every registered method needs an entry in METHOD_CASES (a registry test checks it). The toy
+encoders deliberately differ in width, depth, heads and CLS use to expose alignment bugs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOY = {
+    "text": {"type": "toy", "config": {"input_dim": 8, "dim": 32, "depth": 2, "heads": 4}},
+    "image": {"type": "toy", "config": {"input_dim": 6, "dim": 48, "depth": 3, "heads": 4}},
+    "audio": {
+        "type": "toy",
+        "config": {"input_dim": 5, "dim": 24, "depth": 4, "heads": 2, "cls_token": False},
+    },
+}
+EQUAL = {
+    "text": {"type": "toy", "config": {"input_dim": 8, "dim": 32, "depth": 2, "heads": 4}},
+    "image": {"type": "toy", "config": {"input_dim": 6, "dim": 32, "depth": 3, "heads": 2}},
+}
+BACKBONES = {
+    "pair": {m: TOY[m] for m in ("text", "image")},
+    "triple": TOY,
+    "pair_equal": EQUAL,
+}
+
+# method name -> options for the contract tests (small sizes; every option family exercised
+# somewhere). Extra variants of one method go under "name:variant".
+METHOD_CASES: dict[str, dict] = {
+    "full": {},
+    "linear": {},
+    "late_fusion": {"proj_dim": 16},
+    "lora": {"r": 4, "targets": ["q", "v", "fc1"]},
+    "lora:text_only": {"r": 2, "modalities": ["text"], "layers": [-1]},
+    "bitfit": {},
+    "adapter": {"r": 4, "placement": "houlsby"},
+    "adapter:pfeiffer": {"r": 4, "placement": "pfeiffer", "layers": [-1]},
+    "adaptformer": {"r": 4},
+    "prompt": {"num_prompts": 3, "deep": True},
+    "prompt:shallow": {"num_prompts": 2, "deep": False},
+    "tfn": {"proj_dim": 4},
+    "lmf": {"proj_dim": 8, "rank": 3},
+}
+
+
+def method_entry(case: str) -> dict:
+    name = case.split(":")[0]
+    return {"name": name, **METHOD_CASES[case]}
+
+
+def model_config(backbone: str, methods: list[dict], num_outputs: int = 3) -> dict:
+    return {"encoders": BACKBONES[backbone], "methods": methods, "head": {"num_outputs": num_outputs}}
+
+
+def toy_batch(encoders: dict, batch_size: int = 3, seed: int = 0) -> dict:
+    """Random inputs for toy encoders; later rows are padded so masks matter."""
+    g = torch.Generator().manual_seed(seed)
+    batch = {}
+    for j, (m, spec) in enumerate(encoders.items()):
+        cfg = spec["config"]
+        T = min(cfg.get("max_len", 16), 5 + 2 * j)
+        values = torch.randn(batch_size, T, cfg["input_dim"], generator=g)
+        mask = torch.ones(batch_size, T, dtype=torch.long)
+        for b in range(1, batch_size):
+            mask[b, T - b :] = 0  # row b has b padded steps
+        batch[m] = {"values": values, "attention_mask": mask}
+    return batch
