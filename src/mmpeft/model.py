@@ -170,7 +170,13 @@ class MultimodalModel(nn.Module):
         """Raw inputs per modality -> {"logits", "features", "states"}."""
         states = self.backbone(inputs)
         feats = self.features(states)
-        logits = self.peft["head"](feats) if "head" in self.peft else feats
+        head = self.peft["head"] if "head" in self.peft else None
+        if head is None:
+            logits = feats
+        elif getattr(head, "takes_states", False):  # e.g. retrieval: one embedding per modality
+            logits = head(states, self.backbone)
+        else:
+            logits = head(feats)
         return {"logits": logits, "features": feats, "states": states}
 
     def train(self, mode: bool = True) -> MultimodalModel:

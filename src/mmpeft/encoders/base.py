@@ -82,6 +82,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.model = model
         self.modality = modality
+        self.source: str | None = None  # path or hub name it was loaded from (processors load from it)
 
     # --- the five members every family implements -------------------------------------------
     def embed(self, inputs: Any) -> EncoderState:
@@ -112,6 +113,11 @@ class Encoder(nn.Module):
         queries and the FFN for those rows alone. The default runs the whole block.
         """
         return self.run_block(i, state).tokens[:, -n:]
+
+    def collate(self, items: list[Any]) -> Any:
+        """Raw examples of this modality (texts, images, waveforms, arrays) -> one batch of inputs,
+        through the family's own tokenizer / processor. Errors name the offending item."""
+        raise NotImplementedError(f"encoder {type(self).__name__} cannot preprocess raw inputs")
 
     def reference_forward(self, inputs: Any) -> Tensor:
         """The wrapped library's own forward, last hidden state (B, T, D), for parity tests."""

@@ -155,7 +155,9 @@ class FeatureEncoder(Encoder):
 
     @classmethod
     def from_pretrained(cls, path: str, modality: str) -> FeatureEncoder:
-        return cls(FeatureTransformer.from_pretrained(path), modality)
+        encoder = cls(FeatureTransformer.from_pretrained(path), modality)
+        encoder.source = path
+        return encoder
 
     def embed(self, inputs: Any) -> EncoderState:
         self.check_input(inputs)
@@ -188,3 +190,24 @@ class FeatureEncoder(Encoder):
     def reference_forward(self, inputs: Any) -> Tensor:
         values, valid = split_feature_input(inputs, self.modality)
         return self.model(values, valid)
+
+    def collate(self, items: list[Any]) -> dict[str, Tensor]:
+        """(T_i, F) arrays -> {"values": (B, T, F) zero-padded, "attention_mask": (B, T)}."""
+        arrays = []
+        for j, item in enumerate(items):
+            a = torch.as_tensor(item, dtype=torch.float32)
+            if a.ndim == 1:
+                a = a[:, None]
+            if a.ndim != 2 or a.shape[1] != self.model.config.input_dim:
+                raise ValueError(
+                    f"encoder {self.modality!r}: item {j} has shape {tuple(a.shape)}, "
+                    f"expected (T, {self.model.config.input_dim})"
+                )
+            arrays.append(a)
+        T = max(a.shape[0] for a in arrays)
+        values = torch.zeros(len(arrays), T, self.model.config.input_dim)
+        mask = torch.zeros(len(arrays), T, dtype=torch.long)
+        for j, a in enumerate(arrays):
+            values[j, : a.shape[0]] = a
+            mask[j, : a.shape[0]] = 1
+        return {"values": values, "attention_mask": mask}
