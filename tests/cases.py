@@ -6,6 +6,8 @@ encoders deliberately differ in width, depth, heads and CLS use to expose alignm
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 TOY = {
@@ -35,13 +37,16 @@ METHOD_CASES: dict[str, dict] = {
     "lora": {"r": 4, "targets": ["q", "v", "fc1"]},
     "lora:text_only": {"r": 2, "modalities": ["text"], "layers": [-1]},
     "bitfit": {},
-    "adapter": {"r": 4, "placement": "houlsby"},
+    "adapter": {"r": 4, "placement": "houlsby", "activation": "gelu"},
     "adapter:pfeiffer": {"r": 4, "placement": "pfeiffer", "layers": [-1]},
     "adaptformer": {"r": 4},
     "prompt": {"num_prompts": 3, "deep": True},
     "prompt:shallow": {"num_prompts": 2, "deep": False},
     "tfn": {"proj_dim": 4},
     "lmf": {"proj_dim": 8, "rank": 3},
+    "mwa": {"r": 4, "enhancer_dim": 8},
+    "mwa:released": {"r": 4, "scale": 0.6, "enhancer_layers": None, "enhancer_dim": None},
+    "mwa:text_only": {"modalities": ["text"], "layers": [-1], "enhancer_width": 16, "enhancer_dim": 4},
 }
 
 
@@ -51,7 +56,8 @@ def method_entry(case: str) -> dict:
 
 
 def model_config(backbone: str, methods: list[dict], num_outputs: int = 3) -> dict:
-    return {"encoders": BACKBONES[backbone], "methods": methods, "head": {"num_outputs": num_outputs}}
+    encoders = copy.deepcopy(BACKBONES[backbone])  # tests may edit their copy
+    return {"encoders": encoders, "methods": methods, "head": {"num_outputs": num_outputs}}
 
 
 def toy_batch(encoders: dict, batch_size: int = 3, seed: int = 0) -> dict:

@@ -19,6 +19,9 @@ def closest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """A human hint listing the valid names closest to ``name`` (or all of them if none is close)."""
     choices = sorted(choices)
     near = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    near += [c for c in choices if c not in near and (c.startswith(name) or name.startswith(c))][
+        : n - len(near)
+    ]
     if near:
         return "did you mean " + " or ".join(repr(c) for c in near) + "?"
     return "valid names: " + ", ".join(choices)
