@@ -36,7 +36,7 @@ METHOD_CASES: dict[str, dict] = {
     "late_fusion": {"proj_dim": 16},
     "lora": {"r": 4, "targets": ["q", "v", "fc1"]},
     "lora:text_only": {"r": 2, "modalities": ["text"], "layers": [-1]},
-    "bitfit": {},
+    "bitfit": {"targets": ["q", "v", "o", "fc1", "fc2"]},  # the key bias is inert under softmax (docs)
     "adapter": {"r": 4, "placement": "houlsby", "activation": "gelu"},
     "adapter:pfeiffer": {"r": 4, "placement": "pfeiffer", "layers": [-1]},
     "adaptformer": {"r": 4},
@@ -44,9 +44,19 @@ METHOD_CASES: dict[str, dict] = {
     "prompt:shallow": {"num_prompts": 2, "deep": False},
     "tfn": {"proj_dim": 4},
     "lmf": {"proj_dim": 8, "rank": 3},
+    "uniadapter": {"r": 4},
+    "uniadapter:unshared": {"r": 3, "share": False, "scale": 0.5, "dropout": 0.1, "layers": [-1]},
     "mwa": {"r": 4, "enhancer_dim": 8},
     "mwa:released": {"r": 4, "scale": 0.6, "enhancer_layers": None, "enhancer_dim": None},
     "mwa:text_only": {"modalities": ["text"], "layers": [-1], "enhancer_width": 16, "enhancer_dim": 4},
+    "wander": {"k": 3, "r": 4, "rank": 2},
+    "wander:factor_sum": {"k": 4, "r": 4, "rank": 2, "token_rank": 3, "cp_mode": "factor_sum"},
+    "wander:pooled": {"k": 2, "r": 3, "rank": 3, "residual": "pooled", "output": "mean", "anchor": "image"},
+    "wander:width": {"k": 2, "r": 3, "rank": 2, "d": 20, "residual": "none", "max_len": 12},
+    "wander:layers": {"k": 2, "r": 4, "rank": 2, "layers": [-2, -1]},
+    "pmf": {"num_qp": 2, "num_qcp": 2, "num_fcp": 2},
+    "pmf:concat": {"num_fusion_layers": 1, "num_qcp": 0, "head": "concat", "mlp_hidden": 8},
+    "pmf:frozen_fcp": {"num_qp": 1, "num_qcp": 1, "num_fcp": 1, "train_fcp": False},
 }
 
 

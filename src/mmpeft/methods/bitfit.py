@@ -1,0 +1,97 @@
+"""`bitfit`: train only bias terms (Ben Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning
+for Transformer-based Masked Language-models", ACL 2022, arXiv 2106.10199).
+
+Base weights are never rewritten, so the biases are not unfrozen in place: every chosen linear
+(and LayerNorm) gets a zero-initialised learned delta added to its output through a hook,
+y = W x + b + delta. For a module with a bias this is exactly training that bias (b + delta);
+for one without a bias it adds the bias the paper would train. The model is the frozen one at
+step 0, and the encoder's state-dict keys never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import register_method
+from .base import Method, MethodConfig
+from .lora import fused_slice
+
+
+@dataclass
+class BitFitConfig(MethodConfig):
+    targets: list[str] | None = None
+    """Canonical linears whose bias trains (q, k, v, qkv, o, fc1, fc2); None: every linear of the block."""
+    include_norms: bool = True
+    """Also train the LayerNorm biases (``ln_attn``, ``ln_ffn``) of the chosen blocks."""
+
+
+class BiasDelta(nn.Module):
+    """A learned, zero-initialised bias added to a module's output: (..., width) -> (..., width)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(width))
+
+    def forward(self, y: Tensor) -> Tensor:
+        return y + self.delta
+
+
+def add_bias(delta: BiasDelta, rows: slice | None):
+    def hook(x: Tensor, y: Tensor) -> Tensor:
+        if rows is None:
+            return delta(y)
+        update = torch.zeros(y.shape[-1], dtype=y.dtype, device=y.device)  # (3D,)
+        update[rows] = delta.delta
+        return y + update
+
+    return hook
+
+
+def norm_width(module: nn.Module, modality: str, name: str) -> int:
+    shape = getattr(module, "normalized_shape", None)
+    if shape is None and getattr(module, "weight", None) is not None:
+        shape = module.weight.shape
+    if not shape:
+        raise ValueError(f"bitfit: cannot tell the width of norm {name!r} of encoder {modality!r}")
+    return int(shape[-1])
+
+
+@register_method("bitfit")
+class BitFit(Method):
+    config_class = BitFitConfig
+    identity_at_init = True
+
+    @classmethod
+    def attach(cls, model, cfg: BitFitConfig):
+        container = nn.ModuleDict()
+        for m in cls.modalities(model, cfg):
+            per_layer = nn.ModuleDict()
+            for i in cls.layers(model, m, cfg):
+                per_layer[str(i)] = cls.attach_block(model, m, i, cfg)
+            container[m] = per_layer
+        return container
+
+    @classmethod
+    def attach_block(cls, model, modality: str, layer: int, cfg: BitFitConfig) -> nn.ModuleDict:
+        encoder = model.backbone.encoders[modality]
+        linears = encoder.linears(layer)
+        deltas = nn.ModuleDict()
+        for target in list(linears) if cfg.targets is None else cfg.targets:
+            name, rows = target, None
+            if target not in linears and target in ("q", "k", "v") and "qkv" in linears:
+                name, rows = "qkv", fused_slice(target, linears["qkv"].out_features)
+            if name not in linears:
+                raise ValueError(
+                    f"bitfit: encoder {modality!r} has no linear {target!r}; has {sorted(linears)}"
+                )
+            width = linears[name].out_features if rows is None else rows.stop - rows.start
+            deltas[target] = BiasDelta(width)
+            model.backbone.hook(modality, layer, name, add_bias(deltas[target], rows))
+        if cfg.include_norms:
+            for name, norm in encoder.norms(layer).items():
+                deltas[name] = BiasDelta(norm_width(norm, modality, name))
+                model.backbone.hook(modality, layer, name, add_bias(deltas[name], None))
+        return deltas
