@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 CANONICAL_LINEARS = ("q", "k", "v", "qkv", "o", "fc1", "fc2")
-# "ln_attn"/"ln_ffn": the LayerNorm before (pre-LN) or after (post-LN) each sub-layer
-CANONICAL_NORMS = ("ln_attn", "ln_ffn")
+# "ln_attn"/"ln_ffn": the LayerNorm before (pre-LN) or after (post-LN) each sub-layer;
+# "ln_cross": the LayerNorm after a cross-attention sub-layer (text towers with cross-attention)
+CANONICAL_NORMS = ("ln_attn", "ln_ffn", "ln_cross")
 
 
 @dataclass

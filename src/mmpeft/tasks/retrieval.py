@@ -182,6 +182,9 @@ class RetrievalTask(Task):
         missing = [m for m in self.cfg.modalities if m not in encoders]
         if missing:
             raise ValueError(f"retrieval: the model has no encoder for {missing}; it has {sorted(encoders)}")
+        head = model.peft["head"] if "head" in model.peft else None
+        if getattr(head, "takes_states", False):  # a method installed its own retrieval head (BLIP)
+            return
         dims = {m: encoders[m].dim for m in self.cfg.modalities}
         c = self.cfg
         model.set_head(
