@@ -9,6 +9,7 @@ parameter report can split counts per modality; shared parts go under other keys
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -55,6 +56,14 @@ class Method:
             model.backbone._check_modality(m)
         return names
 
-    @staticmethod
-    def layers(model: MultimodalModel, modality: str, cfg: MethodConfig) -> list[int]:
+    @classmethod
+    def layers(cls, model: MultimodalModel, modality: str, cfg: MethodConfig) -> list[int]:
+        """Blocks of ``modality`` to act on. A tower without blocks (a CNN feature grid) is an error
+        when named explicitly, and is skipped with a warning when implied by ``modalities: None``."""
+        if model.backbone.encoders[modality].num_layers == 0:
+            message = f"method {cls.name!r}: encoder {modality!r} has no transformer blocks to act in"
+            if cfg.modalities is not None:
+                raise ValueError(message + "; leave it out of 'modalities'")
+            warnings.warn(message + "; it is left unadapted", stacklevel=2)
+            return []
         return model.backbone.resolve_layers(modality, cfg.layers)
