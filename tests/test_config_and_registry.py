@@ -112,3 +112,10 @@ def test_features_collate_pads_and_names_bad_item():
     assert out["values"].shape == (2, 5, 8) and out["attention_mask"].sum().item() == 8
     with pytest.raises(ValueError, match="item 1 has shape \\(4, 7\\)"):
         enc.collate([torch.randn(3, 8), torch.randn(4, 7)])
+
+
+def test_unknown_encoder_option_is_named():
+    cfg = model_config("pair", [])
+    cfg["encoders"]["text"]["options"] = {"poolin": "mean"}
+    with pytest.raises(ConfigError, match="unknown option 'poolin' in model.encoders.text.options for 'toy'"):
+        build_model(cfg)

@@ -6,6 +6,7 @@ except for methods that deliberately unfreeze base weights (``full``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from .config import ConfigError, from_dict
 from .encoders.base import Encoder, freeze
 from .heads import HeadConfig, MLPHead
 from .methods.base import Method, MethodConfig
-from .registry import ENCODERS, METHODS
+from .registry import ENCODERS, METHODS, closest
 
 
 @dataclass
@@ -85,9 +86,18 @@ def validate_model_spec(data: dict) -> tuple[ModelSpec, dict[str, EncoderSpec], 
 
 def build_encoder(modality: str, spec: EncoderSpec) -> Encoder:
     cls = ENCODERS.get(spec.type)
-    if spec.path is not None:
-        return cls.from_pretrained(spec.path, modality=modality, **spec.options)
-    return cls.from_config(spec.config, modality=modality, **spec.options)
+    build = cls.from_config if spec.path is None else cls.from_pretrained
+    source = spec.config if spec.path is None else spec.path
+    params = inspect.signature(build).parameters.values()
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)  # the family validates them
+    accepted = [p.name for p in params if p.name not in ("config", "path", "modality")]
+    for key in spec.options:
+        if key not in accepted and not takes_any:
+            raise ConfigError(
+                f"unknown option {key!r} in model.encoders.{modality}.options for {spec.type!r}; "
+                f"{closest(key, accepted) if accepted else 'it takes no options'}"
+            )
+    return build(source, modality=modality, **spec.options)
 
 
 def build_model(config: dict) -> MultimodalModel:
