@@ -1,5 +1,5 @@
 """MultiWay-Adapter: parameter counts, insertion point, per-modality routing, the shared enhancer, and
-the ITC loss of mmpeft.losses."""
+the ITC loss MWA trains with (the retrieval task's)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from cases import BACKBONES, model_config, toy_batch
 from mmpeft import METHODS, ConfigError, build_model, parameter_counts
-from mmpeft.losses import contrastive_loss
 from mmpeft.methods.mwa import MWAConfig
+from mmpeft.tasks.base import build_task
 
 
 def wide_pair(**mwa) -> dict:
@@ -240,78 +240,36 @@ def nll(row: list[float], positives: list[int]) -> float:
     return -sum(row[p] - log_z for p in positives) / len(positives)
 
 
+def itc(a, b, scale: float, ids=None) -> torch.Tensor:
+    """The retrieval task's ITC loss (the loss MWA trains with) on given embeddings."""
+    outputs = {"logits": {"image": a, "text": b, "logit_scale": torch.tensor(scale)}}
+    return build_task("retrieval").loss(outputs, {"ids": ids})
+
+
 def test_itc_loss_equals_hand_computed_value():
     a, b = torch.tensor(S), torch.eye(3)  # a @ b^T = S
     cols = [[S[i][j] for i in range(3)] for j in range(3)]
     want = 0.5 * (sum(nll(S[i], [i]) for i in range(3)) / 3 + sum(nll(cols[j], [j]) for j in range(3)) / 3)
-    got = contrastive_loss(a, b, logit_scale=1.0, normalize=False)
+    got = itc(a, b, 1.0)
     assert got.item() == pytest.approx(want, rel=1e-6)
     assert want == pytest.approx(0.630857, abs=1e-6)  # the number itself, worked out on paper
-    scaled = contrastive_loss(a, b, logit_scale=2.0, normalize=False)
+    scaled = itc(a, b, 2.0)
     assert scaled.item() != pytest.approx(want)
 
 
 def test_itc_loss_treats_duplicate_ids_as_positives():
     a, b = torch.tensor(S), torch.eye(3)
-    ids = torch.tensor([7, 7, 3])  # rows 0 and 1 are the same item (e.g. one image, two captions)
+    ids = [7, 7, 3]  # rows 0 and 1 are the same item (e.g. one image, two captions)
     cols = [[S[i][j] for i in range(3)] for j in range(3)]
     positives = [[0, 1], [0, 1], [2]]
     want = 0.5 * (
         sum(nll(S[i], positives[i]) for i in range(3)) / 3
         + sum(nll(cols[j], positives[j]) for j in range(3)) / 3
     )
-    got = contrastive_loss(a, b, logit_scale=1.0, ids=ids, normalize=False)
+    got = itc(a, b, 1.0, ids)
     assert got.item() == pytest.approx(want, rel=1e-6)
-    plain = contrastive_loss(a, b, logit_scale=1.0, normalize=False)
+    plain = itc(a, b, 1.0)
     assert got.item() != pytest.approx(plain.item())
     # distinct ids are the same as no ids
-    same = contrastive_loss(a, b, logit_scale=1.0, ids=torch.tensor([0, 1, 2]), normalize=False)
+    same = itc(a, b, 1.0, [0, 1, 2])
     assert same.item() == pytest.approx(plain.item(), rel=1e-6)
-
-
-def _ddp_worker(rank: int, world: int, port: int, data: dict, out: dict) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        rows = [slice(0, 3), slice(3, 5)][rank]  # uneven shards
-        a = data["a"][rows].clone().requires_grad_(True)
-        b = data["b"][rows].clone().requires_grad_(True)
-        loss = contrastive_loss(a, b, logit_scale=3.0, ids=data["ids"][rows])
-        loss.backward()
-        out[rank] = (loss.item(), a.grad.clone(), b.grad.clone())
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def rank_losses(a, b, ids, scale: float, shards: list[slice]) -> list[torch.Tensor]:
-    """What each process's loss should be, computed on the whole batch in one process."""
-    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    pos = (ids[:, None] == ids[None, :]).float()
-    targets = pos / pos.sum(-1, keepdim=True)  # (N, N)
-    ce_ab = -(targets * F.log_softmax(scale * a @ b.t(), -1)).sum(-1)  # (N,)
-    ce_ba = -(targets * F.log_softmax(scale * b @ a.t(), -1)).sum(-1)
-    return [0.5 * (ce_ab[s].mean() + ce_ba[s].mean()) for s in shards]
-
-
-@pytest.mark.slow
-def test_itc_loss_gathers_across_processes_with_exact_gradients():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    torch.manual_seed(0)
-    data = {"a": torch.randn(5, 6), "b": torch.randn(5, 6), "ids": torch.tensor([0, 1, 1, 2, 3])}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, port, data, out), nprocs=2, join=True)
-    a = data["a"].clone().requires_grad_(True)
-    b = data["b"].clone().requires_grad_(True)
-    want = rank_losses(a, b, data["ids"], 3.0, [slice(0, 3), slice(3, 5)])
-    assert [out[r][0] for r in range(2)] == pytest.approx([w.item() for w in want], rel=1e-5)
-    # each shard's gradient is that of the SUM of all processes' losses (DDP then averages)
-    sum(want).backward()
-    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), a.grad, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), b.grad, atol=1e-6, rtol=1e-5)
