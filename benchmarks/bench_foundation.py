@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 
 import torch
 
+from _common import isolated, print_table, random_inputs, toy_encoder, train_step_numbers
 from mmpeft import build_model
-from mmpeft.profiling import measure_train_step
-from mmpeft.report import trainable_and_total
 
 METHODS = {
     "full": [{"name": "full"}],
@@ -29,42 +27,18 @@ METHODS = {
 }
 
 
-def toy_pair(depth: int, seq: int) -> dict:
-    enc = lambda dim, heads, inp: {
-        "type": "toy",
-        "config": {"input_dim": inp, "dim": dim, "depth": depth, "heads": heads, "max_len": seq},
-    }
-    return {"text": enc(256, 4, 64), "image": enc(384, 6, 96)}
-
-
 def run_one(name: str, args) -> dict:
     torch.manual_seed(0)
-    encoders = toy_pair(args.depth, args.seq)
+    encoders = {
+        "text": toy_encoder(256, args.depth, args.seq, heads=4),
+        "image": toy_encoder(384, args.depth, args.seq, heads=6, input_dim=96),
+    }
     model = build_model({"encoders": encoders, "methods": METHODS[name], "head": {"num_outputs": 10}})
     model.to(args.device).train()
-    batch = {
-        m: {"values": torch.randn(args.batch, args.seq, e["config"]["input_dim"], device=args.device)}
-        for m, e in encoders.items()
-    }
-    target = torch.randint(0, 10, (args.batch,), device=args.device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(batch)["logits"], target)
-        loss.backward()
-        opt.step()
-        return loss
-
-    trainable, total = trainable_and_total(model)
-    result = measure_train_step(step, model.parameters(), repeats=args.repeats, device=args.device)
-    return {
-        "method": name,
-        "trainable": trainable,
-        "total": total,
-        "first_trainable_step": model.backbone.first_trainable_step(),
-        **result,
-    }
+    inputs = random_inputs(encoders, args.batch, args.seq, args.device)
+    forward = lambda: model(inputs)["logits"]
+    numbers = train_step_numbers(model, forward, args.batch, 10, args.device, args.repeats)
+    return {"method": name, "grad_from_step": model.backbone.first_trainable_step(), **numbers}
 
 
 def main() -> None:
@@ -75,26 +49,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--depth", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", help="run one method in this process and print JSON")
     args = parser.parse_args()
     if args.only:
         print(json.dumps(run_one(args.only, args)))
         return
-    rows = []
-    for name in METHODS:
-        cmd = [sys.executable, __file__, "--only", name, *sys.argv[1:]]
-        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
-    print(f"12-layer toy pair (widths 256/384), batch {args.batch}, seq {args.seq}, device {args.device}")
+    argv = sys.argv[1:]
+    rows = [isolated(__file__, ["--only", name, *argv]) for name in METHODS]
     print(
-        f"{'method':<20}{'trainable':>12}{'grad from step':>16}{'saved act. MB':>15}{'peak MB':>10}{'step s':>9}"
+        f"{args.depth}-layer toy pair (widths 256/384), batch {args.batch}, {args.seq} tokens, {args.device}"
     )
-    for r in rows:
-        print(
-            f"{r['method']:<20}{r['trainable']:>12,}{r['first_trainable_step']:>16}"
-            f"{r['saved_activations_mb']:>15.1f}{r['peak_memory_mb']:>10.1f}{r['step_time_s']:>9.3f}"
-        )
-    print(f"(peak MB = {rows[0]['peak_memory_kind']})")
+    print_table(
+        rows,
+        [
+            ("method", "method", ""),
+            ("trainable", "trainable params", ","),
+            ("grad_from_step", "autograd from step", "d"),
+            ("saved_activations_mb", "activations saved (MB)", ".1f"),
+            ("peak_memory_mb", f"peak memory (MB, {rows[0]['peak_memory_kind']})", ".0f"),
+            ("step_time_s", "step time (s)", ".3f"),
+        ],
+    )
 
 
 if __name__ == "__main__":
