@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .encoders.base import Encoder, EncoderState
 
@@ -116,6 +116,38 @@ class LockstepBackbone(nn.Module):
             handle = target.register_forward_pre_hook(pre_hook)
         self._hooks.append(handle)
         self._declared_steps.add(self.step_of(modality, layer))
+
+    def add_parallel_to_ffn(self, modality: str, layer: int, fn: Callable[[Tensor], Tensor]) -> None:
+        """Run ``fn`` parallel to block ``layer``'s FFN: its output on x' is added to the FFN branch.
+
+        x' is the FFN sub-layer's input, read as the input of ``ln_ffn`` on pre-LN blocks (the
+        residual stream before the FFN's LayerNorm) and as the input of ``fc1`` on post-LN blocks
+        (the attention sub-layer's normalised output); ``fn(x')`` is added to ``fc2``'s output,
+        before the residual add (AdaptFormer, MultiWay-Adapter, UniAdapter's visual branch).
+        """
+        enc = self.encoders[modality]
+        site = "ln_ffn" if enc.pre_norm else "fc1"
+        found = {**enc.linears(layer), **enc.norms(layer)}
+        missing = [n for n in (site, "fc2") if n not in found]
+        if missing:
+            kind = "pre-LN" if enc.pre_norm else "post-LN"
+            raise ValueError(
+                f"encoder {modality!r} ({kind}) block {layer} exposes no {missing}; a module parallel to "
+                f"the FFN needs {site!r} and 'fc2' (has {sorted(found)})"
+            )
+        stash: dict[str, Tensor] = {}
+
+        def capture(x: Tensor) -> Tensor:
+            stash["x"] = x  # (B, T, D)
+            return x
+
+        def add(_: Tensor, y: Tensor) -> Tensor:
+            if "x" not in stash:
+                raise RuntimeError(f"encoder {modality!r} block {layer}: fc2 ran before {site!r}")
+            return y + fn(stash.pop("x"))
+
+        self.hook(modality, layer, site, capture, on="input")
+        self.hook(modality, layer, "fc2", add)
 
     def add_layer_module(self, step: int, fn: LayerFn, replaces_blocks: bool = False) -> None:
         if not 0 <= step < self.num_steps:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..registry import register_method
-from .base import Method, MethodConfig
+from .base import BlockwiseMethod, MethodConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENTS = {"houlsby": ("o", "fc2"), "pfeiffer": ("fc2",)}
@@ -74,19 +74,9 @@ def residual_hook(adapter: BottleneckAdapter):
 
 
 @register_method("adapter")
-class Adapter(Method):
+class Adapter(BlockwiseMethod):
     config_class = AdapterConfig
     identity_at_init = True
-
-    @classmethod
-    def attach(cls, model, cfg: AdapterConfig):
-        container = nn.ModuleDict()
-        for m in cls.modalities(model, cfg):
-            per_layer = nn.ModuleDict()
-            for i in cls.layers(model, m, cfg):
-                per_layer[str(i)] = cls.attach_block(model, m, i, cfg)
-            container[m] = per_layer
-        return container
 
     @classmethod
     def attach_block(cls, model, modality: str, layer: int, cfg: AdapterConfig) -> nn.ModuleDict:

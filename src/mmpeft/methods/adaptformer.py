@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..registry import register_method
-from .base import Method, MethodConfig
+from .base import BlockwiseMethod, MethodConfig
 
 
 @dataclass
@@ -59,60 +59,14 @@ class ParallelAdapter(nn.Module):
         return self.up(self.dropout(self.act(self.down(self.norm(x))))) * self.scale  # (..., dim)
 
 
-class InputTap:
-    """Holds the FFN sub-layer input between the capture hook and the ``fc2`` output hook."""
-
-    def __init__(self, where: str):
-        self.where = where
-        self.x: Tensor | None = None
-
-    def capture(self, x: Tensor) -> Tensor:
-        self.x = x  # (B, T, D)
-        return x
-
-    def add_adapter(self, adapter: ParallelAdapter):
-        def hook(_: Tensor, y: Tensor) -> Tensor:
-            if self.x is None:
-                raise RuntimeError(f"adaptformer: fc2 ran before {self.where}; the block order is unexpected")
-            x, self.x = self.x, None
-            return y + adapter(x)  # (B, T, D)
-
-        return hook
-
-
 @register_method("adaptformer")
-class AdaptFormer(Method):
+class AdaptFormer(BlockwiseMethod):
     config_class = AdaptFormerConfig
     identity_at_init = True
 
     @classmethod
-    def attach(cls, model, cfg: AdaptFormerConfig):
-        container = nn.ModuleDict()
-        for m in cls.modalities(model, cfg):
-            per_layer = nn.ModuleDict()
-            for i in cls.layers(model, m, cfg):
-                per_layer[str(i)] = cls.attach_block(model, m, i, cfg)
-            container[m] = per_layer
-        return container
-
-    @classmethod
     def attach_block(cls, model, modality: str, layer: int, cfg: AdaptFormerConfig) -> ParallelAdapter:
         encoder = model.backbone.encoders[modality]
-        linears = encoder.linears(layer)
-        if "fc2" not in linears:
-            raise ValueError(f"adaptformer: encoder {modality!r} block {layer} has no linear 'fc2'")
-        if encoder.pre_norm:  # x' enters the FFN's own LayerNorm
-            source, on_norm = "ln_ffn", True
-            if source not in encoder.norms(layer):
-                raise ValueError(
-                    f"adaptformer: pre-LN encoder {modality!r} block {layer} exposes no 'ln_ffn' norm"
-                )
-        else:  # post-LN: fc1 reads the attention sub-layer's (normalised) output directly
-            source, on_norm = "fc1", False
-            if source not in linears:
-                raise ValueError(f"adaptformer: encoder {modality!r} block {layer} has no linear 'fc1'")
         adapter = ParallelAdapter(encoder.dim, cfg.r, cfg.scale, cfg.dropout, cfg.layernorm)
-        tap = InputTap(f"{'norm' if on_norm else 'linear'} {source!r} of encoder {modality!r} block {layer}")
-        model.backbone.hook(modality, layer, source, tap.capture, on="input")
-        model.backbone.hook(modality, layer, "fc2", tap.add_adapter(adapter))
+        model.backbone.add_parallel_to_ffn(modality, layer, adapter)
         return adapter

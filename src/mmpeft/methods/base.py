@@ -67,3 +67,23 @@ class Method:
             warnings.warn(message + "; it is left unadapted", stacklevel=2)
             return []
         return model.backbone.resolve_layers(modality, cfg.layers)
+
+
+class BlockwiseMethod(Method):
+    """A method that attaches one module per (modality, block): ``attach_block`` does the work.
+
+    The container is ``{modality: {layer index: attach_block(...)}}``.
+    """
+
+    @classmethod
+    def attach(cls, model: MultimodalModel, cfg: MethodConfig) -> nn.Module:
+        container = nn.ModuleDict()
+        for m in cls.modalities(model, cfg):
+            container[m] = nn.ModuleDict(
+                {str(i): cls.attach_block(model, m, i, cfg) for i in cls.layers(model, m, cfg)}
+            )
+        return container
+
+    @classmethod
+    def attach_block(cls, model: MultimodalModel, modality: str, layer: int, cfg: MethodConfig) -> nn.Module:
+        raise NotImplementedError

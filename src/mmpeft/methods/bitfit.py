@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import register_method
-from .base import Method, MethodConfig
+from .base import BlockwiseMethod, MethodConfig
 from .lora import fused_slice
 
 
@@ -60,19 +60,9 @@ def norm_width(module: nn.Module, modality: str, name: str) -> int:
 
 
 @register_method("bitfit")
-class BitFit(Method):
+class BitFit(BlockwiseMethod):
     config_class = BitFitConfig
     identity_at_init = True
-
-    @classmethod
-    def attach(cls, model, cfg: BitFitConfig):
-        container = nn.ModuleDict()
-        for m in cls.modalities(model, cfg):
-            per_layer = nn.ModuleDict()
-            for i in cls.layers(model, m, cfg):
-                per_layer[str(i)] = cls.attach_block(model, m, i, cfg)
-            container[m] = per_layer
-        return container
 
     @classmethod
     def attach_block(cls, model, modality: str, layer: int, cfg: BitFitConfig) -> nn.ModuleDict:

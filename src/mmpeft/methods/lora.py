@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import register_method
-from .base import Method, MethodConfig
+from .base import BlockwiseMethod, MethodConfig
 
 
 @dataclass
@@ -64,19 +64,9 @@ def add_to_output(delta: LoRADelta, rows: slice | None):
 
 
 @register_method("lora")
-class LoRA(Method):
+class LoRA(BlockwiseMethod):
     config_class = LoRAConfig
     identity_at_init = True
-
-    @classmethod
-    def attach(cls, model, cfg: LoRAConfig):
-        container = nn.ModuleDict()
-        for m in cls.modalities(model, cfg):
-            per_layer = nn.ModuleDict()
-            for i in cls.layers(model, m, cfg):
-                per_layer[str(i)] = cls.attach_block(model, m, i, cfg)
-            container[m] = per_layer
-        return container
 
     @classmethod
     def attach_block(cls, model, modality: str, layer: int, cfg: LoRAConfig) -> nn.ModuleDict:

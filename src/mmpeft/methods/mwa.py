@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from ..encoders.base import EncoderState
 from ..registry import register_method
+from .adaptformer import ParallelAdapter
 from .base import Method, MethodConfig
 
 SHARED_KEY = "enhancer"  # container key of the modality-shared enhancer blocks
@@ -64,23 +65,6 @@ class MWAConfig(MethodConfig):
         for name in ("dropout", "enhancer_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"mwa: {name} must be in [0, 1), got {getattr(self, name)}")
-
-
-class ParallelAdapter(nn.Module):
-    """New knowledge extractor: x' -> s * W_u dropout(ReLU(W_d x')), (..., dim) -> (..., dim); zero at init."""
-
-    def __init__(self, dim: int, r: int, scale: float = 1.0, dropout: float = 0.1):
-        super().__init__()
-        self.down = nn.Linear(dim, r)
-        self.up = nn.Linear(r, dim)
-        nn.init.zeros_(self.down.bias)  # the released "lora" init: W_d Kaiming-uniform, biases and W_u zero
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-        self.dropout = nn.Dropout(dropout)
-        self.scale = scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.dropout(F.relu(self.down(x)))) * self.scale  # (..., dim)
 
 
 class SharedEnhancer(nn.Module):
@@ -125,23 +109,6 @@ def enhance(shared: SharedEnhancer, bridge: WidthBridge | None):
     return fn
 
 
-def add_parallel(adapter: ParallelAdapter, where: str):
-    """Hooks (capture x' at the FFN input, add the adapter to fc2's output) for one block."""
-    slot: dict[str, Tensor] = {}
-
-    def capture(x: Tensor) -> Tensor:
-        slot["x"] = x  # (B, T, D): x' before the FFN
-        return x
-
-    def add(x: Tensor, y: Tensor) -> Tensor:
-        xp = slot.pop("x", None)
-        if xp is None or xp.shape[:-1] != y.shape[:-1]:
-            raise RuntimeError(f"mwa: fc2 ran without a matching {where!r} input before it in this block")
-        return y + adapter(xp)
-
-    return capture, add
-
-
 def enhancer_entries(cfg: MWAConfig, depths: dict[str, int]) -> list[int]:
     if cfg.enhancer_layers is None:  # every block, aligned from the end
         return list(range(-max(depths.values()), 0))
@@ -184,20 +151,8 @@ class MultiWayAdapter(Method):
 
     @classmethod
     def attach_adapter(cls, model, modality: str, layer: int, cfg: MWAConfig) -> ParallelAdapter:
-        enc = model.backbone.encoders[modality]
-        where = "ln_ffn" if enc.pre_norm else "fc1"
-        found = {**enc.linears(layer), **enc.norms(layer)}
-        missing = [n for n in (where, "fc2") if n not in found]
-        if missing:
-            kind = "pre-LN" if enc.pre_norm else "post-LN"
-            raise ValueError(
-                f"mwa: encoder {modality!r} ({kind}) block {layer} exposes no {missing}; "
-                f"the parallel adapter needs {where!r} and 'fc2' (has {sorted(found)})"
-            )
-        adapter = ParallelAdapter(enc.dim, cfg.r, cfg.scale, cfg.dropout)
-        capture, add = add_parallel(adapter, where)
-        model.backbone.hook(modality, layer, where, capture, on="input")
-        model.backbone.hook(modality, layer, "fc2", add, on="output")
+        adapter = ParallelAdapter(model.backbone.encoders[modality].dim, cfg.r, cfg.scale, cfg.dropout)
+        model.backbone.add_parallel_to_ffn(modality, layer, adapter)
         return adapter
 
     @classmethod

@@ -137,15 +137,8 @@ def default_branch(modality: str, pre_norm: bool) -> str:
 
 # --- insertion ---------------------------------------------------------------------------------
 def insert_parallel(backbone, modality: str, layer: int, adapter: UniAdapterModule, branch: str) -> None:
-    """Pre-LN block: y = x' + MLP(LN(x')) + A(x'), x' captured as the input of ln_ffn."""
-    stash: dict[str, Tensor] = {}
-
-    def capture(x: Tensor) -> Tensor:
-        stash["x"] = x
-        return x
-
-    backbone.hook(modality, layer, "ln_ffn", capture, on="input")
-    backbone.hook(modality, layer, "fc2", lambda _, y: y + adapter(stash.pop("x"), branch))
+    """Pre-LN block: y = x' + MLP(LN(x')) + A(x'), x' = the FFN sub-layer's input."""
+    backbone.add_parallel_to_ffn(modality, layer, lambda x: adapter(x, branch))
 
 
 def insert_post_ln(
