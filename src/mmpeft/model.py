@@ -176,15 +176,25 @@ class MultimodalModel(nn.Module):
             return self.fusion(states, self.backbone)
         return torch.cat(list(self.pooled(states).values()), dim=-1)
 
-    def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Raw inputs per modality -> {"logits", "features", "states"}."""
-        states = self.backbone(inputs)
+    def forward(
+        self, inputs: dict[str, Any] | None = None, *, states: States | None = None, start_step: int = 0
+    ) -> dict[str, Any]:
+        """Raw inputs per modality -> {"logits", "features", "states"}.
+
+        With ``states`` instead of inputs, the forward continues from the states entering schedule
+        step ``start_step`` (the trainer's prefix cache holds those).
+        """
+        bb = self.backbone
+        if states is None:
+            states = bb(inputs)
+        else:
+            states = bb.finalize(bb.run_steps(states, start_step, bb.num_steps))
         feats = self.features(states)
         head = self.peft["head"] if "head" in self.peft else None
         if head is None:
             logits = feats
         elif getattr(head, "takes_states", False):  # e.g. retrieval: one embedding per modality
-            logits = head(states, self.backbone)
+            logits = head(states, bb)
         else:
             logits = head(feats)
         return {"logits": logits, "features": feats, "states": states}

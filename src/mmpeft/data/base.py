@@ -46,6 +46,8 @@ class DatasetReader:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[ReaderConfig]] = ReaderConfig
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
+    augments: ClassVar[bool] = False
+    """Inputs change from epoch to epoch (random augmentation): prefix caching is refused."""
 
     def __init__(self, cfg: ReaderConfig):
         self.cfg = cfg

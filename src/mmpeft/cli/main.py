@@ -1,0 +1,68 @@
+"""The ``mmpeft`` command: train | eval | list | inspect | demo.
+
+mmpeft train --config toy method=wander train.epochs=3 --output runs/toy-wander
+mmpeft eval --run runs/toy-wander
+mmpeft list methods            mmpeft list methods wander
+mmpeft inspect --config toy method=pmf
+mmpeft demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..config import ConfigError
+from . import demo, evaluate, listing, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmpeft",
+        description="Parameter-efficient fine-tuning of multimodal models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (train, evaluate, listing, demo):
+        module.add_parser(sub)
+    return parser
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """User-facing errors that get a one-line message instead of a traceback."""
+    from ..data.base import DataError
+    from ..train.cache import CacheError
+    from ..train.trainer import StopTraining, TrainingError
+
+    # OSError: missing files or weights that cannot be downloaded; ImportError: a missing extra
+    return (ConfigError, DataError, CacheError, TrainingError, StopTraining, OSError, ImportError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come in several runs between options: `--config toy a=1 --output d b=2`
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.handler(args) or 0)
+    except known_errors() as e:
+        from ..train.trainer import StopTraining
+
+        if args.verbose:
+            raise
+
+        print(f"mmpeft {args.command}: {e}", file=sys.stderr)
+        return 3 if isinstance(e, StopTraining) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Run configs: ``{model, task, data, train}`` from YAML or a dict, checked before anything is built.
+
+A run config names the model (encoders, methods, head; see ``mmpeft.model``), the task, the
+dataset reader and the training options (``TrainConfig``). ``load_run_config`` reads a YAML file
+or a shipped config by name (``src/mmpeft/configs/<name>.yaml``) and applies dotted overrides
+(``train.lr=3e-4``; ``method=lora`` replaces ``model.methods`` with ``[{name: lora}]``).
+``validate_run_config`` checks every section against the registries and the config dataclasses;
+an unknown key or name raises ``ConfigError`` with the closest valid names.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+
+from .config import ConfigError, from_dict
+from .model import validate_model_spec
+from .registry import DATASETS, TASKS, closest
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    """Seed of every random number generator (model init, dropout, data order)."""
+    epochs: int = 10
+    """Passes over the training split (ignored when ``max_steps`` is set)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: train for ``epochs``)."""
+    batch_size: int = 32
+    """Examples per batch on each process."""
+    eval_batch_size: int = 0
+    """Examples per batch during evaluation (0: ``batch_size``)."""
+    gradient_accumulation_steps: int = 1
+    """Batches whose gradients are summed before each optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of matrices (biases, norms and 1-D parameters get none)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps spent warming the learning rate up linearly."""
+    warmup_steps: int = 0
+    """Warm-up length in steps; overrides ``warmup_ratio`` when > 0."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate decay after warm-up."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision on GPU (always "no" on CPU)."""
+    cpu: bool = False
+    """Train on the CPU even when a GPU is available."""
+    patience: int = 0
+    """Stop after this many evaluations without improvement on the validation split (0: never)."""
+    prefix_cache: bool = False
+    """Compute the frozen prefix's states once per example and train from that in-memory cache."""
+    checkpoint: bool = True
+    """Write resumable checkpoints (after every epoch and every ``checkpoint_every_steps``)."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every this many optimizer steps (0: only at epoch ends)."""
+    keep_checkpoints: int = 1
+    """Newest checkpoints to keep on disk."""
+    num_workers: int = 0
+    """DataLoader worker processes that read and collate examples."""
+    log_every_steps: int = 10
+    """TensorBoard logging interval of the training loss, in optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard logs under ``<output>/tensorboard``."""
+    progress: bool = True
+    """Show progress bars (only on a terminal)."""
+    stop_after_steps: int = 0
+    """Testing aid: end the process abruptly, as if killed, after this many optimizer steps (0: off)."""
+
+
+# options that may differ between a killed run and its resumption
+RUNTIME_ONLY = {"stop_after_steps", "progress", "num_workers", "tensorboard", "log_every_steps"}
+
+
+@dataclass
+class RunConfig:
+    model: dict
+    """Encoders, methods and head (see ``mmpeft inspect``)."""
+    task: dict
+    """Task name and options (``mmpeft list tasks``)."""
+    data: dict
+    """Dataset reader name and options (``mmpeft list datasets``)."""
+    train: dict = field(default_factory=dict)
+    """Training options (``TrainConfig``)."""
+
+
+@dataclass
+class ValidatedRun:
+    """A run config that passed every check; nothing is built yet."""
+
+    config: dict
+    """The config with every default filled in (written as ``config.yaml``)."""
+    train: TrainConfig
+    task_class: type
+    task_config: Any
+    reader_class: type
+    reader_config: Any
+    head_outputs_given: bool
+
+
+def _named_section(section: dict, registry, where: str) -> tuple[type, Any, dict]:
+    if not isinstance(section, dict) or "name" not in section:
+        raise ConfigError(f"{where}: needs a 'name' ({registry.kind}s: {', '.join(registry.names())})")
+    options = dict(section)
+    name = options.pop("name")
+    try:
+        cls = registry.get(name)
+    except KeyError as e:
+        raise ConfigError(f"{where}.name: {e.args[0]}") from None
+    cfg = from_dict(cls.config_class, options, where=f"{where} ({name})")
+    return cls, cfg, {"name": name, **plain(dataclasses.asdict(cfg))}
+
+
+def plain(obj: Any) -> Any:
+    """Tuples -> lists, recursively, so a config dumps as plain YAML."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def validate_run_config(config: dict, reader_class: type | None = None) -> ValidatedRun:
+    """Check every section of a run config; return it with defaults filled in.
+
+    ``reader_class``: a reader supplied by the caller instead of the registered ``data.name``
+    (the data section then holds that reader's options).
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"a run config must be a mapping with model/task/data/train, got {type(config).__name__}"
+        )
+    run = from_dict(RunConfig, config, where="config")
+    _spec, encoders, methods, head = validate_model_spec(run.model)
+    model = {
+        "encoders": {m: plain(dataclasses.asdict(s)) for m, s in encoders.items()},
+        "methods": [
+            {
+                "name": method.name,
+                **({} if key == method.name else {"key": key}),
+                **plain(dataclasses.asdict(cfg)),
+            }
+            for key, method, cfg in methods
+        ],
+        "head": plain(dataclasses.asdict(head)),
+    }
+    task_cls, task_cfg, task = _named_section(run.task, TASKS, "task")
+    if reader_class is None:
+        reader_cls, reader_cfg, data = _named_section(run.data, DATASETS, "data")
+    else:
+        options = {k: v for k, v in run.data.items() if k != "name"}
+        reader_cls = reader_class
+        reader_cfg = from_dict(reader_class.config_class, options, where=f"data ({reader_class.name})")
+        data = {"name": reader_class.name, **plain(dataclasses.asdict(reader_cfg))}
+    train = from_dict(TrainConfig, run.train, where="train")
+    check_train_config(train)
+    resolved = {"model": model, "task": task, "data": data, "train": dataclasses.asdict(train)}
+    given = isinstance(run.model.get("head"), dict) and "num_outputs" in run.model["head"]
+    return ValidatedRun(resolved, train, task_cls, task_cfg, reader_cls, reader_cfg, given)
+
+
+def check_train_config(t: TrainConfig) -> None:
+    positive = ["batch_size", "gradient_accumulation_steps", "keep_checkpoints", "log_every_steps"]
+    for name in positive:
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    for name in ["epochs", "max_steps", "eval_batch_size", "warmup_steps", "patience", "num_workers"]:
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if t.epochs == 0 and t.max_steps == 0:
+        raise ConfigError("train: set epochs or max_steps to a positive number")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+
+
+# --- loading -------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` as a string; here it is a float, as users mean it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+
+
+def shipped_configs() -> list[str]:
+    """Names of the YAML configs shipped in ``mmpeft/configs``."""
+    folder = config_folder()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def config_folder():
+    """The package-data folder ``mmpeft/configs`` (a Traversable)."""
+    return resources.files("mmpeft").joinpath("configs")
+
+
+def read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = parse_yaml(f.read())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with model/task/data/train at the top")
+    return data
+
+
+def resolve_config_source(source: str) -> str:
+    """A file path, or the name of a shipped config (``toy``, ``toy.yaml``) -> a readable path."""
+    if os.path.isfile(source):
+        return source
+    name = os.path.basename(source)
+    name = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    if os.sep not in source and name in shipped_configs():
+        return str(config_folder().joinpath(f"{name}.yaml"))
+    raise ConfigError(
+        f"config {source!r} is neither a file nor a shipped config; {closest(name, shipped_configs())}"
+    )
+
+
+def load_run_config(source: str | dict, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Read a config (path, shipped name or dict) and apply dotted overrides; not yet validated."""
+    if isinstance(source, dict):
+        config = copy.deepcopy(source)
+    else:
+        config = read_yaml(resolve_config_source(source))
+    return apply_overrides(config, overrides)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    try:
+        value = parse_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    path = key.strip().split(".")
+    if any(not p for p in path):
+        raise ConfigError(f"override {text!r}: empty part in key {key!r}")
+    return path, value
+
+
+def apply_overrides(config: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``key.sub=value`` overrides in order; ``method=NAME`` sets ``model.methods`` to one method."""
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ["method"]:
+            if not isinstance(value, str):
+                raise ConfigError(f"override {text!r}: method=NAME needs a method name")
+            config.setdefault("model", {})["methods"] = [{"name": value}]
+            continue
+        set_path(config, path, value, text)
+    return config
+
+
+def set_path(config: dict, path: list[str], value: Any, text: str) -> None:
+    node: Any = config
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            node = node[_index(part, node, where, text)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"override {text!r}: {where!r} is a {type(node).__name__}, not a mapping")
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {text!r}: {where!r} holds {node!r}, not a mapping or list")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(last, node, text, text)] = value
+    else:
+        node[last] = value
+
+
+def _index(part: str, node: list, where: str, text: str) -> int:
+    try:
+        i = int(part)
+        node[i]
+    except (ValueError, IndexError):
+        raise ConfigError(f"override {text!r}: {where!r} is a list of {len(node)}; use an index") from None
+    return i
+
+
+def dump_yaml(config: dict) -> str:
+    return yaml.safe_dump(plain(config), sort_keys=False)

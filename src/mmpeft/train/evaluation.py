@@ -1,0 +1,67 @@
+"""Evaluation: one pass over a split with the task's meter; ``evaluate_run`` re-scores a saved run."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..adapter_io import load_adapter
+from ..data.base import DataError, collate_examples
+from ..run_config import read_yaml
+from .batches import IndexDataset, make_loader, sequential_batches, to_device
+from .cache import PrefixCache, TrainModule
+from .setup import build_components, make_accelerator
+
+
+def split_loader(source, batches: list[list[int]], encoders, num_workers: int = 0, generator=None):
+    """A DataLoader over a dataset (collated by the encoders) or over a prefix cache."""
+    if isinstance(source, PrefixCache):
+        return make_loader(IndexDataset(len(source)), batches, source.collate, 0, generator)
+    collate = partial(collate_examples, encoders=encoders)
+    return make_loader(source, batches, collate, num_workers, generator)
+
+
+def device_batch(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {**batch, "inputs": to_device(batch["inputs"], device)}
+
+
+@torch.no_grad()
+def evaluate(module: TrainModule, task, source, batch_size: int, device, autocast, num_workers=0) -> dict:
+    """Metrics of ``task`` over every example of ``source`` (a split dataset or a prefix cache)."""
+    was_training = module.training
+    module.eval()
+    meter = task.meter()
+    batches = sequential_batches(len(source), batch_size)
+    # a private generator: evaluating never draws from the global RNG (resumed runs stay exact)
+    loader = split_loader(source, batches, module.model.backbone.encoders, num_workers, torch.Generator())
+    try:
+        for batch in loader:
+            batch = device_batch(batch, device)
+            with autocast():
+                outputs = module(batch["inputs"], cached=batch.get("cached", False))
+            meter.update(outputs, batch)
+    finally:
+        module.train(was_training)
+    return {k: float(v) for k, v in meter.compute().items()}
+
+
+def evaluate_run(run_dir: str, split: str = "test") -> dict[str, float]:
+    """Rebuild a finished run from ``run_dir/config.yaml`` + ``run_dir/adapter`` and score ``split``."""
+    config_file = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{run_dir!r} has no config.yaml; is it the --output of `mmpeft train`?")
+    comps = build_components(read_yaml(config_file))
+    load_adapter(comps.model, os.path.join(run_dir, "adapter"))
+    train_cfg = comps.validated.train
+    accelerator = make_accelerator(train_cfg)
+    module = TrainModule(comps.model).to(accelerator.device)
+    if split not in comps.reader.splits:
+        raise DataError(
+            f"dataset {comps.reader.name!r} has no split {split!r}; it has {list(comps.reader.splits)}"
+        )
+    dataset = comps.reader.split(split)
+    batch_size = train_cfg.eval_batch_size or train_cfg.batch_size
+    return evaluate(module, comps.task, dataset, batch_size, accelerator.device, accelerator.autocast)

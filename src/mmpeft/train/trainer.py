@@ -1,0 +1,474 @@
+"""The trainer (DESIGN §1, §5, §6): Hugging Face Accelerate, AdamW on the trainable parameters only.
+
+One ``Trainer(config, output_dir).fit()`` trains with warm-up + cosine decay, gradient clipping
+and accumulation, evaluates on the validation split after every epoch (early stopping, model
+selection on ``task.primary``), scores the test split once with the best adapter, and writes::
+
+    <output>/config.yaml      the resolved run config
+    <output>/metrics.json     parameters, peak memory, time, throughput, val and test metrics
+    <output>/adapter/         the best adapter (``mmpeft.save_adapter``)
+    <output>/checkpoints/     resumable checkpoints (``resume=True`` continues a killed run)
+    <output>/tensorboard/     TensorBoard logs
+
+Runs the same on CPU, one GPU, or many processes under ``accelerate launch`` / ``torchrun``.
+With ``num_workers=0`` a resumed CPU run ends with exactly the metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapter_io import adapter_state_dict, save_adapter
+from ..checkpoint import atomic_write_bytes
+from ..config import ConfigError
+from ..data.base import DataError
+from ..report import parameter_counts, trainable_and_total
+from ..run_config import RUNTIME_ONLY, dump_yaml, read_yaml
+from .batches import epoch_batches
+from .cache import PrefixCache, TrainModule, cacheable_step
+from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .evaluation import device_batch, evaluate, split_loader
+from .optim import build_optimizer, build_scheduler
+from .setup import build_components, make_accelerator
+
+log = logging.getLogger("mmpeft")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and batch."""
+
+
+class StopTraining(Exception):
+    """Raised by ``train.stop_after_steps``: the run ends as if killed (resume it with ``resume=True``)."""
+
+
+@dataclass
+class TrainState:
+    """Everything about the loop's progress that a checkpoint must restore."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress
+    batch: int = 0  # batches of that epoch already consumed
+    best: float | None = None
+    best_epoch: int = -1
+    bad_evals: int = 0
+    done: bool = False
+    stopped_early: bool = False
+    loss_sum: float = 0.0  # this epoch's summed step losses
+    loss_steps: int = 0
+    samples: int = 0
+    step_time: float = 0.0  # seconds inside optimizer steps
+    loop_time: float = 0.0  # seconds of the whole training loop, evaluations included
+    seq: int = 0  # checkpoint sequence number
+    history: list = field(default_factory=list)
+
+
+def peak_memory() -> tuple[float, str]:
+    """(MB, what was measured): CUDA allocator peak on GPU, the process's max RSS on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_ru_maxrss"
+
+
+class Trainer:
+    """Train one run config. ``callbacks``: callables ``fn(trainer, event, state)`` with event
+    "step" (after each optimizer step), "eval" (after each evaluation) or "checkpoint"."""
+
+    def __init__(
+        self, config: dict, output_dir: str | None = None, *, reader=None, callbacks=(), resume=False
+    ):
+        self.output_dir = output_dir
+        self.resume = resume
+        self.callbacks = list(callbacks)
+        comps = build_components(config, reader)
+        self.config, self.reader, self.task, self.model = comps.config, comps.reader, comps.task, comps.model
+        self.cfg = comps.validated.train
+        may_skip = any(m.may_skip_params for m in self.model.methods.values())
+        self.accelerator = make_accelerator(self.cfg, find_unused_parameters=may_skip)
+        self.generator = torch.Generator()
+        self.best_state: dict | None = None
+        self.writer = None
+        self.cache_step = 0
+        self.caches: dict[str, PrefixCache] = {}
+
+    # --- setup --------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def path(self, *parts: str) -> str | None:
+        return None if self.output_dir is None else os.path.join(self.output_dir, *parts)
+
+    def _write_config(self) -> None:
+        path = self.path("config.yaml")
+        if path is None or not self.is_main:
+            return
+        if self.resume and os.path.isfile(path):
+            check_same_config(read_yaml(path), self.config, path)
+        train = {**self.config["train"], "stop_after_steps": 0}  # a testing aid, not part of the run
+        atomic_write_bytes(path, dump_yaml({**self.config, "train": train}).encode())
+
+    def _split(self, name: str):
+        if name not in self.reader.splits:
+            return None
+        dataset = self.reader.split(name)
+        if len(dataset) == 0:
+            raise DataError(f"dataset {self.reader.name!r}: split {name!r} is empty")
+        return dataset
+
+    def _setup(self) -> None:
+        self.train_set = self._split("train")
+        if self.train_set is None:
+            raise DataError(
+                f"dataset {self.reader.name!r} has no 'train' split; it has {list(self.reader.splits)}"
+            )
+        self.val_set, self.test_set = self._split("val"), self._split("test")
+        acc = self.accelerator
+        world = acc.num_processes
+        self.batches_per_epoch = math.ceil(len(self.train_set) / (self.cfg.batch_size * world))
+        accum = self.cfg.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
+        self.total_steps = self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
+        if self.cfg.prefix_cache:
+            self.cache_step = cacheable_step(self.model, self.reader)
+        self.module = TrainModule(self.model, self.cache_step)
+        optimizer = build_optimizer(self.model, self.cfg)
+        self.scheduler = build_scheduler(optimizer, self.cfg, self.total_steps)
+        self.wrapped, self.optimizer = acc.prepare(self.module, optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cache_step:
+            self._build_caches()
+
+    def _build_caches(self) -> None:
+        t0 = time.perf_counter()
+        bs = self.cfg.eval_batch_size or self.cfg.batch_size
+        for name, dataset in (("train", self.train_set), ("val", self.val_set)):
+            if dataset is not None:
+                self.caches[name] = PrefixCache.build(
+                    self.model,
+                    dataset,
+                    self.cache_step,
+                    bs,
+                    self.accelerator.device,
+                    self.accelerator.autocast,
+                )
+        mb = sum(c.nbytes() for c in self.caches.values()) / 2**20
+        self.cache_info = {"step": self.cache_step, "size_mb": mb, "build_time_s": time.perf_counter() - t0}
+        log.info(
+            "prefix cache: states at step %d, %.1f MB, %.1f s",
+            self.cache_step,
+            mb,
+            self.cache_info["build_time_s"],
+        )
+
+    # --- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train, select the best epoch on validation, score the test split once; returns metrics."""
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._write_config()
+        self._setup()
+        state = TrainState()
+        if self.resume:
+            self._restore(state)
+        self._open_writer()
+        try:
+            while not state.done:
+                started = time.perf_counter()
+                self._run_epoch(state, started)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return self._finish(state)
+
+    def _run_epoch(self, st: TrainState, started: float) -> None:
+        accum = self.cfg.gradient_accumulation_steps
+        acc = self.accelerator
+        batches = epoch_batches(
+            len(self.train_set), self.cfg.batch_size, seed=self.cfg.seed, epoch=st.epoch,
+            rank=acc.process_index, world=acc.num_processes,
+        )  # fmt: skip
+        if st.batch == 0:
+            self.generator.manual_seed(self.cfg.seed * 1_000_003 + st.epoch)
+        source = self.caches.get("train", self.train_set)
+        loader = split_loader(
+            source, batches[st.batch :], self.model.backbone.encoders, self.cfg.num_workers, self.generator
+        )
+        it = iter(loader)
+        bar = self._progress(st)
+        self.module.train()
+        while st.batch < len(batches) and not self._out_of_steps(st):
+            micro = [next(it) for _ in range(min(accum, len(batches) - st.batch))]
+            self._optimizer_step(micro, st)
+            bar.update(1)
+            bar.set_postfix(loss=f"{st.loss_sum / max(1, st.loss_steps):.4f}")
+            self._after_step(st, started)
+            started = time.perf_counter()
+        bar.close()
+        self._end_epoch(st, started)
+
+    def _out_of_steps(self, st: TrainState) -> bool:
+        return bool(self.cfg.max_steps) and st.step >= self.cfg.max_steps
+
+    def _optimizer_step(self, micro: list[dict], st: TrainState) -> None:
+        acc = self.accelerator
+        t0 = time.perf_counter()
+        step_loss = 0.0
+        for j, batch in enumerate(micro):
+            sync = j == len(micro) - 1
+            with nullcontext() if sync else acc.no_sync(self.wrapped):
+                batch = device_batch(batch, acc.device)
+                with acc.autocast():
+                    outputs = self.wrapped(batch["inputs"], cached=batch.get("cached", False))
+                    loss = self.task.loss(outputs, batch)
+                step_loss += self._checked_loss(loss, st, st.batch + j, batch) / len(micro)
+                acc.backward(loss / len(micro))
+            st.samples += len(batch["targets"]) * acc.num_processes
+        if self.cfg.grad_clip > 0:
+            acc.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        st.batch += len(micro)
+        st.loss_sum += step_loss
+        st.loss_steps += 1
+        st.step_time += time.perf_counter() - t0
+        if self.writer is not None and st.step % self.cfg.log_every_steps == 0:
+            self.writer.add_scalar("train/loss", step_loss, st.step)
+            self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], st.step)
+
+    def _checked_loss(self, loss: torch.Tensor, st: TrainState, batch_index: int, batch: dict) -> float:
+        """The loss averaged over processes; a non-finite loss on any process stops every process."""
+        acc = self.accelerator
+        value = loss.detach().float().reshape(())
+        bad = not bool(torch.isfinite(value))
+        where, mean = "the only process", float(value)
+        if acc.num_processes > 1:  # every process must stop together, or the others hang
+            packed = torch.stack(
+                [torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0), value.new_tensor(float(bad))]
+            )
+            total = acc.reduce(packed, reduction="sum")
+            where = f"process {acc.process_index}" if bad else "another process"
+            bad, mean = bad or bool(total[1] > 0), float(total[0]) / acc.num_processes
+        if bad:
+            raise TrainingError(
+                f"non-finite loss ({float(value)}) at step {st.step + 1} (epoch {st.epoch}, batch {batch_index} "
+                f"of the epoch counting from 0, on {where}; example ids {list(batch['ids'])[:8]}); "
+                "lower train.lr, check the data, or set train.grad_clip"
+            )
+        return mean
+
+    def _after_step(self, st: TrainState, started: float) -> None:
+        st.loop_time += time.perf_counter() - started
+        self._emit("step", st)
+        every = self.cfg.checkpoint_every_steps
+        if every and st.step % every == 0:
+            self._save_checkpoint(st)
+        if self.cfg.stop_after_steps and st.step >= self.cfg.stop_after_steps:
+            raise StopTraining(f"stopped after {st.step} steps (train.stop_after_steps)")
+
+    def _end_epoch(self, st: TrainState, started: float) -> None:
+        """Evaluate, select, decide whether to go on, checkpoint."""
+        metrics = self._evaluate_val() if self.val_set is not None else {}
+        record = {
+            "epoch": st.epoch,
+            "step": st.step,
+            "train_loss": st.loss_sum / max(1, st.loss_steps),
+            "val": metrics,
+        }
+        st.history.append(record)
+        self._select(st, metrics)
+        log.info(
+            "epoch %d step %d: train_loss %.4f val %s", st.epoch, st.step, record["train_loss"], fmt(metrics)
+        )
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"val/{k}", v, st.step)
+        st.epoch += 1
+        st.batch, st.loss_sum, st.loss_steps = 0, 0.0, 0
+        patience_out = self.cfg.patience and st.bad_evals >= self.cfg.patience
+        st.stopped_early = bool(patience_out)
+        out_of_epochs = not self.cfg.max_steps and st.epoch >= self.cfg.epochs
+        st.done = bool(patience_out or self._out_of_steps(st) or out_of_epochs)
+        st.loop_time += time.perf_counter() - started
+        self._emit("eval", st)
+        self._save_checkpoint(st)
+
+    def _evaluate_val(self) -> dict[str, float]:
+        source = self.caches.get("val", self.val_set)
+        return self._evaluate(source)
+
+    def _evaluate(self, source) -> dict[str, float]:
+        acc = self.accelerator
+        bs = self.cfg.eval_batch_size or self.cfg.batch_size
+        return evaluate(self.module, self.task, source, bs, acc.device, acc.autocast, self.cfg.num_workers)
+
+    def _select(self, st: TrainState, metrics: dict[str, float]) -> None:
+        """Keep the adapter of the best validation score (the last one without a val split)."""
+        primary = self.task.primary
+        if metrics and primary not in metrics:
+            raise TrainingError(
+                f"task {self.task.name!r}: primary metric {primary!r} not in {sorted(metrics)}"
+            )
+        value = metrics.get(primary)
+        better = (
+            value is None
+            or st.best is None
+            or (value > st.best if self.task.higher_is_better else value < st.best)
+        )  # fmt: skip
+        if better:
+            st.best, st.best_epoch, st.bad_evals = value, st.epoch, 0
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(self.model).items()
+            }
+        else:
+            st.bad_evals += 1
+
+    def _emit(self, event: str, st: TrainState) -> None:
+        for callback in self.callbacks:
+            callback(self, event, st)
+
+    # --- progress and logs ---------------------------------------------------------------------
+    def _progress(self, st: TrainState):
+        from tqdm.auto import tqdm
+
+        show = self.cfg.progress and self.is_main and sys.stderr.isatty()
+        first = st.batch // self.cfg.gradient_accumulation_steps
+        return tqdm(
+            total=self.steps_per_epoch, initial=first, desc=f"epoch {st.epoch}", disable=not show, leave=False
+        )
+
+    def _open_writer(self) -> None:
+        if not (self.cfg.tensorboard and self.is_main and self.output_dir):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed (pip install 'mmpeft[train]'); no TensorBoard logs")
+            return
+        self.writer = SummaryWriter(self.path("tensorboard"))
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def _save_checkpoint(self, st: TrainState) -> None:
+        if not self.cfg.checkpoint or self.output_dir is None:
+            return
+        st.seq += 1
+        if self.is_main:
+            state = {
+                "loop": dataclasses.asdict(st),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(self.generator),
+                "world_size": self.accelerator.num_processes,
+            }
+            if self.accelerator.scaler is not None:
+                state["scaler"] = self.accelerator.scaler.state_dict()
+            weights = adapter_state_dict(self.model)
+            save_checkpoint(
+                self.path("checkpoints"), st.seq, state, weights, self.best_state, self.cfg.keep_checkpoints
+            )
+        self.accelerator.wait_for_everyone()
+        self._emit("checkpoint", st)
+
+    def _restore(self, st: TrainState) -> None:
+        path = latest_checkpoint(self.path("checkpoints")) if self.output_dir else None
+        if path is None:
+            log.warning("resume: no checkpoint under %s; starting from scratch", self.path("checkpoints"))
+            return
+        state, weights, best = load_checkpoint(path)
+        if state["world_size"] != self.accelerator.num_processes:
+            raise TrainingError(
+                f"{path} was written by {state['world_size']} processes; resume with the same number "
+                f"(now {self.accelerator.num_processes})"
+            )
+        for k, v in state["loop"].items():
+            setattr(st, k, v)
+        self.model.load_state_dict(to_model_device(weights, self.accelerator.device), strict=False)
+        self.best_state = best
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"], self.generator)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, st.step, st.epoch, st.batch)
+
+    # --- the end ---------------------------------------------------------------------------------
+    def _finish(self, st: TrainState) -> dict[str, Any]:
+        """Load the best adapter, score the test split once, save adapter and metrics."""
+        if self.best_state is not None:
+            self.model.load_state_dict(
+                to_model_device(self.best_state, self.accelerator.device), strict=False
+            )
+        t0 = time.perf_counter()
+        test = self._evaluate(self.test_set) if self.test_set is not None else {}
+        log.info("test (best epoch %d): %s", st.best_epoch, fmt(test))
+        metrics = self._metrics(st, test, time.perf_counter() - t0)
+        if self.is_main and self.output_dir is not None:
+            save_adapter(self.model, self.path("adapter"))
+            atomic_write_bytes(self.path("metrics.json"), json.dumps(metrics, indent=2).encode())
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _metrics(self, st: TrainState, test: dict, test_time: float) -> dict[str, Any]:
+        trainable, total = trainable_and_total(self.model)
+        memory, kind = peak_memory()
+        best = next((h["val"] for h in st.history if h["epoch"] == st.best_epoch), {})
+        return {
+            "methods": [m.name for m in self.model.methods.values()],
+            "task": self.task.name,
+            "primary": self.task.primary,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100.0 * trainable / max(1, total),
+            "parameters": parameter_counts(self.model),
+            "peak_memory_mb": memory,
+            "peak_memory_kind": kind,
+            "train_time_s": st.loop_time,
+            "step_time_s": st.step_time / max(1, st.step),
+            "samples_per_s": st.samples / max(st.step_time, 1e-9),
+            "test_time_s": test_time,
+            "steps": st.step,
+            "epochs": st.epoch,
+            "best_epoch": st.best_epoch,
+            "stopped_early": st.stopped_early,
+            "world_size": self.accelerator.num_processes,
+            "prefix_cache": getattr(self, "cache_info", None),
+            "val": best,
+            "test": test,
+            "history": st.history,
+        }
+
+
+def to_model_device(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "-"
+
+
+def check_same_config(saved: dict, current: dict, path: str) -> None:
+    """A resumed run must use the config it started with (runtime-only train options may change)."""
+
+    def comparable(cfg: dict) -> dict:
+        train = {k: v for k, v in cfg.get("train", {}).items() if k not in RUNTIME_ONLY}
+        return {**cfg, "train": train}
+
+    a, b = comparable(saved), comparable(current)
+    if a != b:
+        diffs = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        raise ConfigError(f"--resume: the config differs from the run's {path} in sections {diffs}")

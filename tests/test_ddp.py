@@ -1,0 +1,52 @@
+"""Two CPU processes (torchrun, gloo) train the toy config like one process with the global batch.
+
+``accelerate launch --cpu`` starts one process on a single machine (multi-CPU needs MPI), so the
+test launches with torchrun, which Accelerate picks up from the environment. Each process gets
+half of every global batch (``epoch_batches``), so a one-process run with batch 2 x 32 sees the
+same batches and its metrics must come out close (only the float order of the gradient average
+differs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from mmpeft.run_config import load_run_config
+from mmpeft.train import Trainer
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["lora", "uniadapter"])  # uniadapter: may_skip_params -> find_unused
+def test_two_process_run_matches_one_process_with_the_global_batch(method, tmp_path):
+    overrides = [f"method={method}", "train.tensorboard=false", "train.cpu=true", "train.epochs=3"]
+    out = str(tmp_path / "ddp")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "mmpeft.cli.main", "train", "--config", "toy", *overrides, "--output", out,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        ddp = json.load(f)
+    single = Trainer(load_run_config("toy", [*overrides, "train.batch_size=64"])).fit()
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    assert ddp["steps"] == single["steps"] == 9  # 192 examples / (2 x 32) per step, 3 epochs
+    for a, b in zip(ddp["history"], single["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["val"]["accuracy"] == pytest.approx(b["val"]["accuracy"], abs=0.05)
+    assert ddp["test"]["accuracy"] == pytest.approx(single["test"]["accuracy"], abs=0.05)
