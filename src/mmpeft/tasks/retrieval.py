@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import gather_rows
 from ..registry import register_task
 from .base import ArrayMeter, Meter, Task, TaskConfig, to_numpy
 
@@ -88,23 +89,6 @@ def id_keys(ids: list[Any] | None, n: int, device: torch.device) -> Tensor:
         int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") >> 1 for i in ids
     ]
     return torch.tensor(keys, dtype=torch.long, device=device)
-
-
-def gather_rows(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (n, ...) over all processes (gradient flows back to each); sizes may differ."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))]) if longest > x.shape[0] else x
-    parts = all_gather(padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
 def contrastive_loss(a: Tensor, b: Tensor, keys: Tensor, scale: Tensor) -> Tensor:
