@@ -28,7 +28,7 @@ def toy(*overrides: str) -> dict:
 
 def test_toy_run_learns_and_writes_its_outputs(tmp_path):
     out = str(tmp_path / "run")
-    metrics = Trainer(toy("method=lora", "train.tensorboard=true"), out).fit()
+    metrics = Trainer(toy("method=lora", "train.tensorboard=true", "train.epochs=4"), out).fit()
     val = [h["val"]["accuracy"] for h in metrics["history"]]
     assert len(val) == 4 and metrics["steps"] == 4 * 6  # 192 examples / batch 32 = 6 steps per epoch
     assert max(val) > val[0] + 0.05, val
