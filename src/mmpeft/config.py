@@ -6,6 +6,7 @@ An unknown key is an error that names the key, where it was found and the closes
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from typing import Any, TypeVar
@@ -56,6 +57,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is str and isinstance(value, os.PathLike):  # a pathlib.Path where a path string goes
+        return os.fspath(value)
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")

@@ -124,6 +124,11 @@ class Encoder(nn.Module):
         """The wrapped library's own forward, last hidden state (B, T, D), for parity tests."""
         raise NotImplementedError
 
+    @property
+    def max_tokens(self) -> int | None:
+        """Longest token sequence ``embed`` produces, where the family fixes it (None: unbounded)."""
+        return None
+
     # --- shared helpers -----------------------------------------------------------------------
     def forward(self, inputs: Any) -> EncoderState:
         state = self.embed(inputs)

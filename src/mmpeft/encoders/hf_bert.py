@@ -75,6 +75,10 @@ class HFBertEncoder(HFEncoder):
         self.max_positions = cfg.max_position_embeddings - offset  # longest sequence the model embeds
         self.max_length = min(max_length or self.max_positions, self.max_positions)
 
+    @property
+    def max_tokens(self) -> int:
+        return self.max_positions
+
     @classmethod
     def from_pretrained(
         cls,

@@ -236,6 +236,11 @@ class WhisperEncoderAdapter(Encoder):
                 self._extractor = tf.WhisperFeatureExtractor(feature_size=self.model.num_mel_bins)
         return self._extractor
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens per input: the conv stem halves the mel frames of a window."""
+        return math.ceil(self.window_frames() / 2)
+
     def window_frames(self) -> int:
         """Mel frames per input: the full table, or ``window_seconds`` at Whisper's 100 frames/s."""
         if self.options.window_seconds is None:

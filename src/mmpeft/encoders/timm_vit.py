@@ -165,6 +165,10 @@ class TimmViTEncoder(Encoder):
         self._transform = None
         model.eval()
 
+    @property
+    def max_tokens(self) -> int:
+        return self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+
     @classmethod
     def from_pretrained(cls, path: str, modality: str, **options: Any) -> TimmViTEncoder:
         opts = parse_options(options, modality)
