@@ -119,3 +119,16 @@ def test_unknown_encoder_option_is_named():
     cfg["encoders"]["text"]["options"] = {"poolin": "mean"}
     with pytest.raises(ConfigError, match="unknown option 'poolin' in model.encoders.text.options for 'toy'"):
         build_model(cfg)
+
+
+def test_paths_may_be_pathlib_objects(tmp_path):
+    torch.manual_seed(0)
+    build_model(model_config("pair", [])).backbone.encoders["text"].model.save_pretrained(str(tmp_path))
+    cfg = model_config("pair", [])
+    cfg["encoders"]["text"] = {"type": "features", "path": tmp_path}  # a Path, not a str
+    model = build_model(cfg)
+    assert model.backbone.encoders["text"].source == str(tmp_path)
+    save_adapter(model, str(tmp_path / "adapter"))  # the saved config is plain JSON
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["model"]["encoders"][
+        "text"
+    ]["path"] == str(tmp_path)

@@ -7,6 +7,7 @@ except for methods that deliberately unfreeze base weights (``full``).
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -108,8 +109,17 @@ def build_model(config: dict) -> MultimodalModel:
     for key, method, cfg in methods:
         model.attach(method, cfg, key=key)
     model.finish()
-    model.config = config
+    model.config = plain(config)
     return model
+
+
+def plain(value: Any) -> Any:
+    """A JSON-safe copy of a config: paths become strings, tuples lists."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 class MultimodalModel(nn.Module):
@@ -177,14 +187,22 @@ class MultimodalModel(nn.Module):
         return torch.cat(list(self.pooled(states).values()), dim=-1)
 
     def forward(
-        self, inputs: dict[str, Any] | None = None, *, states: States | None = None, start_step: int = 0
+        self,
+        inputs: dict[str, Any] | None = None,
+        *,
+        states: States | None = None,
+        start_step: int = 0,
+        ids: list[Any] | None = None,
     ) -> dict[str, Any]:
         """Raw inputs per modality -> {"logits", "features", "states"}.
 
         With ``states`` instead of inputs, the forward continues from the states entering schedule
-        step ``start_step`` (the trainer's prefix cache holds those).
+        step ``start_step`` (the trainer's prefix cache holds those). ``ids`` (the batch's item ids)
+        and the raw ``inputs`` (None from cached states) reach a head with ``takes_batch``: BLIP's
+        head runs ITM on hard negatives inside the forward, so DDP sees every parameter it uses.
         """
         bb = self.backbone
+        raw = inputs if states is None else None
         if states is None:
             states = bb(inputs)
         else:
@@ -193,6 +211,8 @@ class MultimodalModel(nn.Module):
         head = self.peft["head"] if "head" in self.peft else None
         if head is None:
             logits = feats
+        elif getattr(head, "takes_batch", False):
+            logits = head(states, bb, inputs=raw, ids=ids)
         elif getattr(head, "takes_states", False):  # e.g. retrieval: one embedding per modality
             logits = head(states, bb)
         else:

@@ -9,12 +9,18 @@ to the MLP), the text blocks (A_t after the output LayerNorm) and, when the text
 to image tokens (ITM), the query residual A_t(a) + A_m(c). The method installs the checkpoint's
 ``vision_proj``, ``text_proj`` and ``itm_head`` as the model's head (trainable, as released).
 
-Functions for trainers and tasks: ``blip_itc_itm_loss`` (or ``..._from_states`` given a forward's
+The ``retrieval`` task drives the head: with ``head.itm`` on, a training forward also returns ITM
+logits of one positive and two hard negatives per example (``itm_logits``, ``itm_labels``), so ITM
+runs inside the model's forward (DDP sees every parameter it uses); ``head.rerank`` re-scores each
+query's top-k ITC candidates by ITM at evaluation (the task's ``rerank_k``).
+
+Functions for custom loops: ``blip_itc_itm_loss`` (or ``..._from_states`` given a forward's
 states): in-batch ITC with positives by item id + ITM on one positive and two hard negatives per
-item, the released recipe; ``itm_logits`` and
-``rerank_with_itm`` (ITM scores of each query's top-k ITC candidates, -100 elsewhere, as the
-released evaluation). Not reproduced: the released ITC's momentum encoders, 57,600-entry feature
-queue and momentum distillation (alpha 0.4); ITC here is in-batch.
+item, the released recipe; ``itm_logits`` and ``rerank_with_itm`` (ITM scores of each query's top-k
+ITC candidates, -100 elsewhere, as the released evaluation). Not reproduced: the released ITC's
+momentum encoders, 57,600-entry feature queue and momentum distillation (alpha 0.4); ITC here is
+in-batch, and hard negatives are drawn within each process's batch (the released Flickr30k setting;
+its COCO setting draws them across all processes).
 """
 
 from __future__ import annotations
@@ -31,24 +37,59 @@ NOT_RANKED = -100.0  # score of candidates outside the top-k (the released evalu
 
 class BlipRetrievalHead(nn.Module):
     """BLIP's projections and ITM head. ``forward`` returns what the ``retrieval`` task's head
-    returns: ``{vision: (B, E), text: (B, E) unit-norm ITC embeddings, "logit_scale": 1/T}``."""
+    returns: ``{vision: (B, E), text: (B, E) unit-norm ITC embeddings, "logit_scale": 1/T}``, plus
+    ``itm_logits`` (P, 2) and ``itm_labels`` (P,) in training mode when ``itm`` is on."""
 
     takes_states = True
+    takes_batch = True  # forward also gets the raw inputs and the item ids (ITM on hard negatives)
+    supports_itm = True
 
     def __init__(self, vision_proj, text_proj, itm_head, vision: str, text: str, temperature: float):
         super().__init__()
         self.vision_proj, self.text_proj, self.itm_head = vision_proj, text_proj, itm_head
         self.vision, self.text = vision, text
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.itm = False  # set by the retrieval task (option ``itm``): ITM logits in training forwards
+        self.itm_first_token: int | None = None  # BLIP's [ENC] id for ITM passes (None: ids as given)
 
-    def forward(self, states, backbone=None) -> dict[str, Tensor]:
+    @property
+    def itm_modalities(self) -> tuple[str, str]:
+        """(modality whose final states ITM cross-attends to, modality whose raw inputs it encodes)."""
+        return self.vision, self.text
+
+    def forward(self, states, backbone=None, inputs=None, ids=None) -> dict[str, Tensor]:
         image = F.normalize(self.vision_proj(states[self.vision].tokens[:, 0]), dim=-1)  # (B, E)
         text = F.normalize(self.text_proj(states[self.text].tokens[:, 0]), dim=-1)  # (B, E)
-        return {self.vision: image, self.text: text, "logit_scale": 1.0 / self.temperature}
+        out = {self.vision: image, self.text: text, "logit_scale": 1.0 / self.temperature}
+        if self.itm and self.training:
+            if inputs is None or backbone is None:
+                raise ValueError(
+                    "BLIP ITM training needs the raw text inputs, but the forward continued from cached "
+                    "states; set train.prefix_cache=false (or task.itm=false)"
+                )
+            logits = out["logit_scale"] * image @ text.t()  # (B_image, B_text)
+            keys = torch.arange(len(image), device=image.device) if ids is None else ids
+            positive = same_item(keys, len(image), image.device)  # (B, B)
+            image_rows, text_rows, labels = hard_negative_pairs(logits, positive)
+            texts = take_rows(inputs[self.text], text_rows)
+            image_tokens = states[self.vision].tokens[image_rows]  # (P, N, D_v)
+            out["itm_logits"] = run_itm(backbone, self, image_tokens, texts, first_token=self.itm_first_token)
+            out["itm_labels"] = labels  # (P,)
+        return out
 
     def itc_logits(self, states) -> Tensor:
         out = self(states)
         return out["logit_scale"] * out[self.vision] @ out[self.text].t()  # (B_image, B_text)
+
+    @torch.no_grad()
+    def rerank(
+        self, backbone, sims: Tensor, image_tokens: Tensor, text_inputs: dict, k: int, chunk: int = 64
+    ):
+        """ITM re-ranking for evaluation: (i2t (N_image, N_text), t2i (N_text, N_image)) with ITM match
+        logits on each query's top-k ITC candidates and, below them, the rest in ITC order."""
+        check_rerank_shapes(sims, image_tokens, text_inputs)
+        args = (backbone, self, image_tokens, text_inputs, k, 0.0, chunk, self.itm_first_token)
+        return rerank_one_side(sims, *args, False, True), rerank_one_side(sims.t(), *args, True, True)
 
 
 # --- finding the BLIP parts ---------------------------------------------------------------------
@@ -95,6 +136,21 @@ def blip_parts(model) -> tuple[str, str, BlipRetrievalHead]:
 
 
 # --- ITM -----------------------------------------------------------------------------------------
+def run_itm(
+    backbone, head, image_tokens: Tensor, text_inputs: dict, image_pad: Tensor | None = None, first_token=None
+) -> Tensor:
+    """ITM logits (B, 2) (column 1: match) of text i cross-attending to image tokens i (B, N, D_v)."""
+    encoder = backbone.encoders[head.text]
+    if first_token is not None:
+        ids = text_inputs["input_ids"].clone()
+        ids[:, 0] = first_token
+        text_inputs = {**text_inputs, "input_ids": ids}
+    state = encoder.with_image(encoder.embed(text_inputs), image_tokens, image_pad)
+    for i in range(encoder.num_layers):
+        state = backbone.run_block(head.text, i, state)
+    return head.itm_head(state.tokens[:, 0])  # (B, 2)
+
+
 def itm_logits(
     model,
     image_tokens: Tensor,
@@ -106,16 +162,7 @@ def itm_logits(
 
     ``first_token`` replaces the first text token (BLIP's released code uses its [ENC] token for ITM;
     the HF forward keeps the ids as given)."""
-    _, t, head = blip_parts(model)
-    encoder = model.backbone.encoders[t]
-    if first_token is not None:
-        ids = text_inputs["input_ids"].clone()
-        ids[:, 0] = first_token
-        text_inputs = {**text_inputs, "input_ids": ids}
-    state = encoder.with_image(encoder.embed(text_inputs), image_tokens, image_pad)
-    for i in range(encoder.num_layers):
-        state = model.backbone.run_block(t, i, state)
-    return head.itm_head(state.tokens[:, 0])  # (B, 2)
+    return run_itm(model.backbone, blip_parts(model)[2], image_tokens, text_inputs, image_pad, first_token)
 
 
 def same_item(ids: Sequence[Any] | Tensor, n: int, device) -> Tensor:
@@ -138,6 +185,24 @@ def sample_negatives(weights: Tensor, positive: Tensor, generator=None) -> Tenso
     w[~has] = 1.0  # placeholder rows, discarded below
     picked = torch.multinomial(w, 1, generator=generator).squeeze(1)  # (B,)
     return torch.where(has, picked, torch.full_like(picked, -1))
+
+
+@torch.no_grad()
+def hard_negative_pairs(logits: Tensor, positive: Tensor, generator=None) -> tuple[Tensor, Tensor, Tensor]:
+    """BLIP's ITM pairs from ITC logits (B_image, B_text): every positive pair (i, i), a negative text
+    per image and a negative image per text drawn by ITC softmax. -> (image rows, text rows, labels)."""
+    n = logits.shape[0]
+    neg_text = sample_negatives(F.softmax(logits.float(), 1), positive, generator)  # per image
+    neg_image = sample_negatives(F.softmax(logits.t().float(), 1), positive, generator)  # per text
+    rows = torch.arange(n, device=logits.device)
+    text_rows = torch.cat([rows, rows[neg_image >= 0], neg_text[neg_text >= 0]])  # (P,)
+    image_rows = torch.cat([rows, neg_image[neg_image >= 0], rows[neg_text >= 0]])  # (P,)
+    labels = (torch.arange(len(text_rows), device=logits.device) < n).long()  # positives first
+    return image_rows, text_rows, labels
+
+
+def take_rows(inputs: dict[str, Any], rows: Tensor) -> dict[str, Any]:
+    return {k: x[rows] if isinstance(x, Tensor) else x for k, x in inputs.items()}
 
 
 def blip_itc_itm_loss(
@@ -166,22 +231,15 @@ def blip_itc_itm_loss_from_states(
     """The same from the final states of a forward (``outputs["states"]``) and the text inputs."""
     v, _, head = blip_parts(model)
     logits = head.itc_logits(states)  # (B_image, B_text), row i and column i belong to example i
-    n = logits.shape[0]
-    positive = same_item(ids, n, logits.device)  # (B, B)
+    positive = same_item(ids, logits.shape[0], logits.device)  # (B, B)
     targets = positive.float() / positive.sum(1, keepdim=True)
     itc = 0.5 * (soft_cross_entropy(logits, targets) + soft_cross_entropy(logits.t(), targets))
     out = {"itc": itc, "logits": logits}
     if not itm:
         return {**out, "loss": itc, "itm": torch.zeros_like(itc)}
-    with torch.no_grad():
-        neg_text = sample_negatives(F.softmax(logits.float(), 1), positive, generator)  # per image
-        neg_image = sample_negatives(F.softmax(logits.t().float(), 1), positive, generator)  # per text
-    rows = torch.arange(n, device=logits.device)
-    text_rows = torch.cat([rows, rows[neg_image >= 0], neg_text[neg_text >= 0]])
-    image_rows = torch.cat([rows, neg_image[neg_image >= 0], rows[neg_text >= 0]])
-    texts = {k: x[text_rows] if isinstance(x, Tensor) else x for k, x in text_inputs.items()}
+    image_rows, text_rows, labels = hard_negative_pairs(logits, positive, generator)
+    texts = take_rows(text_inputs, text_rows)
     scores = itm_logits(model, states[v].tokens[image_rows], texts, first_token=itm_first_token)
-    labels = (torch.arange(len(text_rows), device=logits.device) < n).long()  # positives first
     out["itm"] = F.cross_entropy(scores, labels)
     out["loss"] = itc + out["itm"]
     return out
@@ -193,6 +251,20 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 # --- evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
+def match_scores(
+    backbone, head, image_tokens, text_inputs, image_index, text_index, chunk=64, first_token=None
+):
+    """ITM match logits of the pairs (image_index[j], text_index[j]), ``chunk`` pairs per pass: (P,)."""
+    device = head.itm_head.weight.device
+    scores = []
+    for s in range(0, len(image_index), chunk):
+        ii, tt = image_index[s : s + chunk].cpu(), text_index[s : s + chunk].cpu()
+        texts = {k: x[tt].to(device) for k, x in text_inputs.items()}
+        logits = run_itm(backbone, head, image_tokens[ii].to(device), texts, first_token=first_token)
+        scores.append(logits[:, 1].float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
 def itm_match_scores(
     model,
     image_tokens: Tensor,
@@ -203,13 +275,19 @@ def itm_match_scores(
     first_token: int | None = None,
 ) -> Tensor:
     """ITM match logits of the pairs (image_index[j], text_index[j]), ``chunk`` pairs per pass: (P,)."""
-    device = blip_parts(model)[2].itm_head.weight.device
-    scores = []
-    for s in range(0, len(image_index), chunk):
-        ii, tt = image_index[s : s + chunk].cpu(), text_index[s : s + chunk].cpu()
-        texts = {k: x[tt].to(device) for k, x in text_inputs.items()}
-        scores.append(itm_logits(model, image_tokens[ii].to(device), texts, first_token=first_token)[:, 1])
-    return torch.cat(scores)
+    head = blip_parts(model)[2]
+    return match_scores(
+        model.backbone, head, image_tokens, text_inputs, image_index, text_index, chunk, first_token
+    )
+
+
+def check_rerank_shapes(sims: Tensor, image_tokens: Tensor, text_inputs: dict) -> None:
+    n_image, n_text = sims.shape
+    if image_tokens.shape[0] != n_image or text_inputs["input_ids"].shape[0] != n_text:
+        raise ValueError(
+            f"ITM re-ranking: sims is {tuple(sims.shape)} but got {image_tokens.shape[0]} images "
+            f"and {text_inputs['input_ids'].shape[0]} texts"
+        )
 
 
 @torch.no_grad()
@@ -228,24 +306,36 @@ def rerank_with_itm(
     sims: (N_image, N_text) ITC similarities; image_tokens: (N_image, N, D_v) final vision states;
     text_inputs: the text tower's inputs for all N_text texts. Returns (i2t (N_image, N_text),
     t2i (N_text, N_image)): ITM match logit + beta * ITC similarity on the top-k, -100 elsewhere."""
-    n_image, n_text = sims.shape
-    if image_tokens.shape[0] != n_image or text_inputs["input_ids"].shape[0] != n_text:
-        raise ValueError(
-            f"rerank_with_itm: sims is {tuple(sims.shape)} but got {image_tokens.shape[0]} images "
-            f"and {text_inputs['input_ids'].shape[0]} texts"
-        )
-    i2t = rerank_one_side(model, sims, image_tokens, text_inputs, k, beta, chunk, first_token, False)
-    t2i = rerank_one_side(model, sims.t(), image_tokens, text_inputs, k, beta, chunk, first_token, True)
-    return i2t, t2i
+    check_rerank_shapes(sims, image_tokens, text_inputs)
+    args = (model.backbone, blip_parts(model)[2], image_tokens, text_inputs, k, beta, chunk, first_token)
+    return rerank_one_side(sims, *args, False, False), rerank_one_side(sims.t(), *args, True, False)
 
 
-def rerank_one_side(model, sims, image_tokens, text_inputs, k, beta, chunk, first_token, text_query):
+def rerank_one_side(
+    sims, backbone, head, image_tokens, text_inputs, k, beta, chunk, first_token, text_query, tail
+):
+    """One direction; ``tail``: the candidates below the top-k keep their ITC order (else -100)."""
     top_sim, top = sims.topk(min(k, sims.shape[1]), dim=1)  # (Q, k)
     queries = torch.arange(sims.shape[0], device=sims.device)[:, None].expand_as(top)  # (Q, k)
     image_index, text_index = (top, queries) if text_query else (queries, top)
-    scores = itm_match_scores(
-        model, image_tokens, text_inputs, image_index.reshape(-1), text_index.reshape(-1), chunk, first_token
-    )
-    out = torch.full_like(sims, NOT_RANKED)
-    out.scatter_(1, top, scores.view_as(top).to(sims) + beta * top_sim)
-    return out
+    scores = (
+        match_scores(
+            backbone,
+            head,
+            image_tokens,
+            text_inputs,
+            image_index.reshape(-1),
+            text_index.reshape(-1),
+            chunk,
+            first_token,
+        )
+        .view_as(top)
+        .to(sims)
+        + beta * top_sim
+    )  # (Q, k)
+    if tail:  # shift the ITC scores of the rest below each row's lowest re-ranked score
+        floor = scores.min(1, keepdim=True).values - 1.0  # (Q, 1)
+        out = sims - sims.max(1, keepdim=True).values + floor  # (Q, G)
+    else:
+        out = torch.full_like(sims, NOT_RANKED)
+    return out.scatter_(1, top, scores)

@@ -31,6 +31,10 @@ class TaskConfig:
 
 
 class Meter:
+    def bind_model(self, model) -> None:
+        """Called once before evaluation with the (unwrapped) model, for meters that need it
+        (e.g. ITM re-ranking); nothing by default."""
+
     def update(self, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
         raise NotImplementedError
 

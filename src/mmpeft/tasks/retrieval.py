@@ -16,6 +16,13 @@ top K; ties count in the query's favour), their mean (``mean_recall``) and ``rsu
 the recalls in percent as papers report it (at most 600 for K = 1, 5, 10). The gallery keeps
 one item per id for the modalities in ``gallery_by_id`` (the image of five caption examples
 is one gallery image).
+
+Cross-encoder heads (BLIP's, installed by ``uniadapter`` on ``hf_blip`` towers; a head with
+``supports_itm``): the loss adds image-text matching (ITM) on one positive and two hard negatives
+per example, sampled from the in-batch ITC similarities (Li et al., BLIP, arXiv 2201.12086), which
+the head computes inside the model's forward (``itm_logits``, ``itm_labels``). With ``rerank_k`` > 0
+evaluation re-ranks each query's top-k ITC candidates by the head's ITM score (``head.rerank``);
+candidates below the top k keep their ITC order.
 """
 
 from __future__ import annotations
@@ -53,6 +60,16 @@ class RetrievalConfig(TaskConfig):
     """Cut-offs K of the recall@K metrics."""
     gather: bool = True
     """Under torch.distributed, compute the loss over the embeddings of all processes."""
+    itm: bool | None = None
+    """Add the image-text matching loss on hard negatives (BLIP's ITM). None: when the model's head has
+    an ITM head (BLIP towers with uniadapter's BLIP head); True: require one; False: ITC only."""
+    itm_weight: float = 1.0
+    """Weight of the ITM loss: loss = ITC + itm_weight * ITM (BLIP/UniAdapter: 1)."""
+    rerank_k: int = 0
+    """Evaluate by re-ranking each query's top-k ITC candidates with ITM scores (the released
+    UniAdapter/BLIP evaluation: 256 on COCO, 128 on Flickr30k); 0 ranks by ITC only."""
+    rerank_batch_size: int = 128
+    """Image-text pairs per ITM pass when re-ranking."""
 
 
 class RetrievalHead(nn.Module):
@@ -101,6 +118,13 @@ def contrastive_loss(a: Tensor, b: Tensor, keys: Tensor, scale: Tensor) -> Tenso
     return (loss_ab + loss_ba) / 2
 
 
+def ranks_from_scores(sim: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray) -> np.ndarray:
+    """Scores (Q, G) -> per query, how many gallery items score strictly above its best positive."""
+    pos = q_ids[:, None] == g_ids[None, :]  # (Q, G)
+    best = np.where(pos, sim, -np.inf).max(axis=1)  # (Q,)  -inf: no positive, never a hit
+    return (sim > best[:, None]).sum(axis=1)
+
+
 def positive_ranks(
     query: np.ndarray, gallery: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray
 ) -> np.ndarray:
@@ -108,35 +132,40 @@ def positive_ranks(
     ranks = np.empty(len(query), dtype=np.int64)
     for s in range(0, len(query), 1024):  # blocks keep the (b, G) score matrix small
         sim = query[s : s + 1024] @ gallery.T  # (b, G)
-        pos = q_ids[s : s + 1024, None] == g_ids[None, :]  # (b, G)
-        best = np.where(pos, sim, -np.inf).max(axis=1)  # (b,)  -inf: no positive, never a hit
-        ranks[s : s + 1024] = (sim > best[:, None]).sum(axis=1)
+        ranks[s : s + 1024] = ranks_from_scores(sim, q_ids[s : s + 1024], g_ids)
     return ranks
+
+
+def gallery_rows(ids: list[Any], modalities: list[str], dedupe: list[str]):
+    """(id codes (N,), {modality: example rows of its gallery}): the first example of each id for
+    the modalities in ``dedupe``, every example otherwise."""
+    codes: dict[Any, int] = {}
+    idx = np.array([codes.setdefault(i, len(codes)) for i in ids], dtype=np.int64)  # (N,)
+    first = np.unique(idx, return_index=True)[1]  # increasing: ids in order of first appearance
+    return idx, {m: first if m in dedupe else np.arange(len(idx)) for m in modalities}
+
+
+def recall_metrics(ranks: dict[str, np.ndarray], ks: list[int]) -> dict[str, float]:
+    """{"a_to_b": per-query ranks} -> recall@K per direction, ``mean_recall`` and ``rsum``."""
+    out = {f"{name}_r{k}": float(np.mean(r < k)) for name, r in ranks.items() for k in ks}
+    recalls = list(out.values())
+    out["mean_recall"] = float(np.mean(recalls))
+    out["rsum"] = 100.0 * float(np.sum(recalls))
+    return out
 
 
 def retrieval_metrics(
     emb: dict[str, np.ndarray], ids: list[Any], dedupe: list[str], ks: list[int]
 ) -> dict[str, float]:
     """Recall@K both ways between the two modalities of ``emb`` ({m: (N, E)}), positives by id."""
-    codes: dict[Any, int] = {}
-    idx = np.array([codes.setdefault(i, len(codes)) for i in ids], dtype=np.int64)  # (N,)
-    galleries = {}
-    for m, x in emb.items():
-        if m in dedupe:
-            _, first = np.unique(idx, return_index=True)  # first example of each id
-            galleries[m] = (x[first], idx[first])
-        else:
-            galleries[m] = (x, idx)
-    (ma, (xa, ia)), (mb, (xb, ib)) = galleries.items()
-    out = {}
-    for q, (xq, iq), g, (xg, ig) in ((ma, (xa, ia), mb, (xb, ib)), (mb, (xb, ib), ma, (xa, ia))):
-        ranks = positive_ranks(xq, xg, iq, ig)
-        for k in ks:
-            out[f"{q}_to_{g}_r{k}"] = float(np.mean(ranks < k))
-    recalls = list(out.values())
-    out["mean_recall"] = float(np.mean(recalls))
-    out["rsum"] = 100.0 * float(np.sum(recalls))
-    return out
+    (ma, xa), (mb, xb) = emb.items()
+    idx, rows = gallery_rows(ids, [ma, mb], dedupe)
+    ra, rb = rows[ma], rows[mb]
+    ranks = {
+        f"{ma}_to_{mb}": positive_ranks(xa[ra], xb[rb], idx[ra], idx[rb]),
+        f"{mb}_to_{ma}": positive_ranks(xb[rb], xa[ra], idx[rb], idx[ra]),
+    }
+    return recall_metrics(ranks, ks)
 
 
 @register_task("retrieval")
@@ -157,6 +186,8 @@ class RetrievalTask(Task):
         unknown = [m for m in self.dedupe if m not in cfg.modalities]
         if unknown:
             raise ValueError(f"retrieval: gallery_by_id names {unknown}, not one of {cfg.modalities}")
+        if cfg.itm_weight < 0 or cfg.rerank_k < 0 or cfg.rerank_batch_size <= 0:
+            raise ValueError("retrieval: itm_weight and rerank_k must be >= 0, rerank_batch_size > 0")
 
     def num_outputs(self, info: dict[str, Any]) -> int:
         return 0  # the task installs its own head in prepare()
@@ -167,13 +198,28 @@ class RetrievalTask(Task):
         if missing:
             raise ValueError(f"retrieval: the model has no encoder for {missing}; it has {sorted(encoders)}")
         head = model.peft["head"] if "head" in model.peft else None
-        if getattr(head, "takes_states", False):  # a method installed its own retrieval head (BLIP)
-            return
-        dims = {m: encoders[m].dim for m in self.cfg.modalities}
+        if not getattr(head, "takes_states", False):  # else a method installed its own head (BLIP)
+            dims = {m: encoders[m].dim for m in self.cfg.modalities}
+            c = self.cfg
+            head = RetrievalHead(dims, c.embed_dim, c.temperature, c.learn_temperature, c.max_logit_scale)
+            model.set_head(head)
+        self.configure_itm(head)
+
+    def configure_itm(self, head: nn.Module) -> None:
+        """Switch the head's ITM loss on or off (``itm``); check that ``itm``/``rerank_k`` can be had."""
         c = self.cfg
-        model.set_head(
-            RetrievalHead(dims, c.embed_dim, c.temperature, c.learn_temperature, c.max_logit_scale)
-        )
+        if not getattr(head, "supports_itm", False):
+            if c.itm or c.rerank_k > 0:
+                raise ValueError(
+                    f"retrieval: itm={c.itm}, rerank_k={c.rerank_k} need a head with an ITM cross-encoder "
+                    f"(hf_blip towers with uniadapter's BLIP head); this model's head is {type(head).__name__}"
+                )
+            return
+        if sorted(head.itm_modalities) != sorted(c.modalities):
+            raise ValueError(
+                f"retrieval: modalities {c.modalities} differ from the ITM head's {list(head.itm_modalities)}"
+            )
+        head.itm = c.itm is not False
 
     def embeddings(self, outputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         emb = outputs["logits"]
@@ -190,16 +236,28 @@ class RetrievalTask(Task):
         keys = id_keys(batch.get("ids"), a.shape[0], a.device)  # (B,)
         if self.cfg.gather:
             a, b, keys = gather_rows(a), gather_rows(b), gather_rows(keys)  # (N, E), (N, E), (N,)
-        return contrastive_loss(a, b, keys, scale)
+        loss = contrastive_loss(a, b, keys, scale)
+        logits = outputs["logits"]
+        if "itm_logits" in logits and self.cfg.itm is not False:  # (P, 2): a cross-encoder head, training
+            loss = loss + self.cfg.itm_weight * F.cross_entropy(
+                logits["itm_logits"].float(), logits["itm_labels"]
+            )
+        return loss
+
+    def batch_ids(self, batch: dict[str, Any], n: int) -> list[Any]:
+        ids = batch.get("ids")
+        if ids is None or len(ids) != n or any(i is None for i in ids):
+            raise ValueError("retrieval: every example needs an item 'id' (positives are defined by id)")
+        return list(ids)
 
     def meter(self) -> Meter:
+        if self.cfg.rerank_k > 0:
+            return RerankMeter(self)
         ma, mb = self.cfg.modalities
 
         def collect(outputs, batch):
             a, b, _ = self.embeddings(outputs)
-            ids = batch.get("ids")
-            if ids is None or len(ids) != a.shape[0] or any(i is None for i in ids):
-                raise ValueError("retrieval: every example needs an item 'id' (positives are defined by id)")
+            ids = self.batch_ids(batch, a.shape[0])
             return {ma: to_numpy(a), mb: to_numpy(b), "ids": np.array(ids, dtype=object)}
 
         def finish(arrays):
@@ -207,3 +265,80 @@ class RetrievalTask(Task):
             return retrieval_metrics(emb, list(arrays["ids"]), self.dedupe, self.cfg.ks)
 
         return ArrayMeter(collect, finish)
+
+
+class RerankMeter(Meter):
+    """Recall@K after re-ranking each query's top-k ITC candidates by the head's ITM scores.
+
+    Keeps the ITC embeddings, the final states of the head's image modality (one per id when that
+    gallery is by id) and the raw text inputs; ``compute`` runs the bound model's ITM passes."""
+
+    def __init__(self, task: RetrievalTask):
+        self.task = task
+        self.model = None
+        self.emb: dict[str, list[np.ndarray]] = {m: [] for m in task.cfg.modalities}
+        self.ids: list[Any] = []
+        self.image_tokens: list[Tensor] = []
+        self.texts: list[dict[str, Tensor]] = []
+        self.seen: set = set()
+
+    def bind_model(self, model) -> None:
+        self.model = model
+
+    def head(self):
+        if self.model is None:
+            raise ValueError("retrieval: ITM re-ranking needs the model; call meter.bind_model(model) first")
+        return self.model.peft["head"]
+
+    @torch.no_grad()
+    def update(self, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
+        image, text = self.head().itm_modalities
+        a, b, _ = self.task.embeddings(outputs)
+        ids = self.task.batch_ids(batch, a.shape[0])
+        raw = batch["inputs"][text]
+        if not isinstance(raw, dict) or "input_ids" not in raw:
+            raise ValueError(
+                f"retrieval: ITM re-ranking needs the raw {text!r} inputs, got cached states; "
+                "set train.prefix_cache=false"
+            )
+        for m, x in zip(self.task.cfg.modalities, (a, b), strict=True):
+            self.emb[m].append(to_numpy(x))
+        keep = []  # rows of this batch in the image gallery (the first example of each id when by id)
+        for j, i in enumerate(ids):
+            if image not in self.task.dedupe or i not in self.seen:
+                keep.append(j)
+                self.seen.add(i)
+        self.ids += ids
+        self.image_tokens.append(outputs["states"][image].tokens[keep].cpu())  # (b, N, D)
+        self.texts.append({k: x.cpu() for k, x in raw.items() if isinstance(x, Tensor)})
+
+    def compute(self) -> dict[str, float]:
+        if not self.ids:
+            raise ValueError("meter.compute() called before any update()")
+        head, cfg = self.head(), self.task.cfg
+        image, text = head.itm_modalities
+        emb = {m: np.concatenate(parts) for m, parts in self.emb.items()}
+        idx, rows = gallery_rows(self.ids, cfg.modalities, self.task.dedupe)
+        ri, rt = rows[image], rows[text]
+        sims = torch.from_numpy(emb[image][ri] @ emb[text][rt].T)  # (N_image, N_text) cosine
+        texts = {k: v[torch.from_numpy(rt)] for k, v in pad_cat(self.texts).items()}
+        i2t, t2i = head.rerank(
+            self.model.backbone,
+            sims,
+            torch.cat(self.image_tokens),
+            texts,
+            cfg.rerank_k,
+            cfg.rerank_batch_size,
+        )
+        ranks = {
+            f"{image}_to_{text}": ranks_from_scores(i2t.float().numpy(), idx[ri], idx[rt]),
+            f"{text}_to_{image}": ranks_from_scores(t2i.float().numpy(), idx[rt], idx[ri]),
+        }
+        ma, mb = cfg.modalities  # the metric names in the order of the ITC-only meter
+        return recall_metrics({n: ranks[n] for n in (f"{ma}_to_{mb}", f"{mb}_to_{ma}")}, cfg.ks)
+
+
+def pad_cat(batches: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-batch (b, T_j) token tensors -> (N, max T), right-padded with zeros (masked positions)."""
+    T = max(x.shape[1] for batch in batches for x in batch.values())
+    return {k: torch.cat([F.pad(b[k], (0, T - b[k].shape[1])) for b in batches]) for k in batches[0]}

@@ -36,10 +36,12 @@ class TrainModule(nn.Module):
         self.model = model
         self.start_step = start_step
 
-    def forward(self, inputs: dict[str, Any], cached: bool = False) -> dict[str, Any]:
+    def forward(
+        self, inputs: dict[str, Any], cached: bool = False, ids: list | None = None
+    ) -> dict[str, Any]:
         if not cached:
-            return self.model(inputs)
-        return self.model(states=inputs, start_step=self.start_step)
+            return self.model(inputs, ids=ids)
+        return self.model(states=inputs, start_step=self.start_step, ids=ids)
 
 
 def cacheable_step(model: nn.Module, reader: Any) -> int:

@@ -30,10 +30,14 @@ def device_batch(batch: dict[str, Any], device) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(module: TrainModule, task, source, batch_size: int, device, autocast, num_workers=0) -> dict:
-    """Metrics of ``task`` over every example of ``source`` (a split dataset or a prefix cache)."""
+    """Metrics of ``task`` over every example of ``source`` (a split dataset or a prefix cache).
+
+    Every meter gets the model first (``bind_model``): it may run it again when
+    computing (the retrieval task's ITM re-ranking); ``compute`` runs in eval mode under autocast."""
     was_training = module.training
     module.eval()
     meter = task.meter()
+    meter.bind_model(module.model)
     batches = sequential_batches(len(source), batch_size)
     # a private generator: evaluating never draws from the global RNG (resumed runs stay exact)
     loader = split_loader(source, batches, module.model.backbone.encoders, num_workers, torch.Generator())
@@ -41,11 +45,13 @@ def evaluate(module: TrainModule, task, source, batch_size: int, device, autocas
         for batch in loader:
             batch = device_batch(batch, device)
             with autocast():
-                outputs = module(batch["inputs"], cached=batch.get("cached", False))
+                outputs = module(batch["inputs"], cached=batch.get("cached", False), ids=batch.get("ids"))
             meter.update(outputs, batch)
+        with autocast():
+            metrics = meter.compute()
     finally:
         module.train(was_training)
-    return {k: float(v) for k, v in meter.compute().items()}
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def evaluate_run(run_dir: str, split: str = "test") -> dict[str, float]:

@@ -232,7 +232,9 @@ class Trainer:
             with nullcontext() if sync else acc.no_sync(self.wrapped):
                 batch = device_batch(batch, acc.device)
                 with acc.autocast():
-                    outputs = self.wrapped(batch["inputs"], cached=batch.get("cached", False))
+                    outputs = self.wrapped(
+                        batch["inputs"], cached=batch.get("cached", False), ids=batch.get("ids")
+                    )
                     loss = self.task.loss(outputs, batch)
                 step_loss += self._checked_loss(loss, st, st.batch + j, batch) / len(micro)
                 acc.backward(loss / len(micro))
