@@ -427,3 +427,11 @@ def test_real_efficientnet_lite0():
         logits = enc.model.forward_head(enc.model.forward_features(x))
     assert state.tokens.shape == (1, 49, 1280)
     assert logits.softmax(-1).max() > 0.05  # a trained classifier is confident on a real photo
+
+
+@pytest.mark.parametrize("case", ["vit_reg", "cnn_effnet", "cnn_resnet"])
+def test_max_tokens_is_the_token_count_of_a_collated_image(case):
+    enc = build(case)
+    size = enc.model.pretrained_cfg.get("input_size", (3, 32, 32))
+    batch = enc.collate([np.random.rand(*size).astype(np.float32)])
+    assert enc.embed(batch).tokens.shape[1] == enc.max_tokens

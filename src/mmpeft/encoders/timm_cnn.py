@@ -13,10 +13,12 @@ Preprocessing comes from the model's ``pretrained_cfg`` (e.g. EfficientNet-Lite:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor, nn
 
+from ..optional import require
 from ..registry import register_encoder
 from .base import Encoder, EncoderState
 from .timm_vit import (
@@ -50,6 +52,14 @@ class TimmCNNEncoder(Encoder):
         self.dim = int(model.num_features)
         self._transform = None
         model.eval()
+
+    @property
+    def max_tokens(self) -> int:
+        """Grid cells at the input size ``collate`` produces (the model's eval transform)."""
+        data = require("timm.data", "timm")
+        _, h, w = data.resolve_input_data_config(self.model)["input_size"]
+        stride = self.model.feature_info[-1]["reduction"]
+        return math.ceil(h / stride) * math.ceil(w / stride)
 
     @classmethod
     def from_pretrained(cls, path: str, modality: str, **options: Any) -> TimmCNNEncoder:
