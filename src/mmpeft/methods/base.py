@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from ..model import MultimodalModel
@@ -87,3 +87,36 @@ class BlockwiseMethod(Method):
     @classmethod
     def attach_block(cls, model: MultimodalModel, modality: str, layer: int, cfg: MethodConfig) -> nn.Module:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LinearTarget:
+    """Where a canonical target lives in a block: the linear to hook and, for a ``q``/``k``/``v``
+    target on a fused ``qkv`` projection, the rows of its output that belong to the target."""
+
+    name: str
+    rows: slice | None
+    in_features: int
+    out_features: int  # width of the target's part of the output
+
+
+def resolve_linear(method: str, modality: str, linears: dict[str, nn.Linear], target: str) -> LinearTarget:
+    name, rows = target, None
+    if target not in linears and target in ("q", "k", "v") and "qkv" in linears:
+        d = linears["qkv"].out_features // 3
+        i = "qkv".index(target)
+        name, rows = "qkv", slice(i * d, (i + 1) * d)
+    if name not in linears:
+        raise ValueError(f"{method}: encoder {modality!r} has no linear {target!r}; has {sorted(linears)}")
+    lin = linears[name]
+    out = lin.out_features if rows is None else rows.stop - rows.start
+    return LinearTarget(name, rows, lin.in_features, out)
+
+
+def add_on_rows(y: Tensor, update: Tensor, rows: slice | None) -> Tensor:
+    """y + update, with ``update`` placed on the output ``rows`` of a fused projection."""
+    if rows is None:
+        return y + update
+    full = y.new_zeros((*update.shape[:-1], y.shape[-1]))  # (..., 3D), broadcastable against y
+    full[..., rows] = update
+    return y + full

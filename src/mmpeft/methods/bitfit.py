@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..registry import register_method
-from .base import BlockwiseMethod, MethodConfig
-from .lora import fused_slice
+from .base import BlockwiseMethod, MethodConfig, add_on_rows, resolve_linear
 
 
 @dataclass
@@ -29,25 +28,15 @@ class BitFitConfig(MethodConfig):
 
 
 class BiasDelta(nn.Module):
-    """A learned, zero-initialised bias added to a module's output: (..., width) -> (..., width)."""
+    """A learned, zero-initialised bias (width,), added to a module's output by ``add_bias``."""
 
     def __init__(self, width: int):
         super().__init__()
         self.delta = nn.Parameter(torch.zeros(width))
 
-    def forward(self, y: Tensor) -> Tensor:
-        return y + self.delta
-
 
 def add_bias(delta: BiasDelta, rows: slice | None):
-    def hook(x: Tensor, y: Tensor) -> Tensor:
-        if rows is None:
-            return delta(y)
-        update = torch.zeros(y.shape[-1], dtype=y.dtype, device=y.device)  # (3D,)
-        update[rows] = delta.delta
-        return y + update
-
-    return hook
+    return lambda x, y: add_on_rows(y, delta.delta, rows)
 
 
 def norm_width(module: nn.Module, modality: str, name: str) -> int:
@@ -70,16 +59,9 @@ class BitFit(BlockwiseMethod):
         linears = encoder.linears(layer)
         deltas = nn.ModuleDict()
         for target in list(linears) if cfg.targets is None else cfg.targets:
-            name, rows = target, None
-            if target not in linears and target in ("q", "k", "v") and "qkv" in linears:
-                name, rows = "qkv", fused_slice(target, linears["qkv"].out_features)
-            if name not in linears:
-                raise ValueError(
-                    f"bitfit: encoder {modality!r} has no linear {target!r}; has {sorted(linears)}"
-                )
-            width = linears[name].out_features if rows is None else rows.stop - rows.start
-            deltas[target] = BiasDelta(width)
-            model.backbone.hook(modality, layer, name, add_bias(deltas[target], rows))
+            t = resolve_linear("bitfit", modality, linears, target)
+            deltas[target] = BiasDelta(t.out_features)
+            model.backbone.hook(modality, layer, t.name, add_bias(deltas[target], t.rows))
         if cfg.include_norms:
             for name, norm in encoder.norms(layer).items():
                 deltas[name] = BiasDelta(norm_width(norm, modality, name))

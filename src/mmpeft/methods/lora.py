@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import register_method
-from .base import BlockwiseMethod, MethodConfig
+from .base import BlockwiseMethod, MethodConfig, add_on_rows, resolve_linear
 
 
 @dataclass
@@ -45,22 +45,8 @@ class LoRADelta(nn.Module):
         return (self.dropout(x) @ self.A.t() @ self.B.t()) * self.scale
 
 
-def fused_slice(target: str, out_features: int) -> slice:
-    """The rows of a fused qkv projection that belong to ``target``."""
-    d = out_features // 3
-    i = "qkv".index(target)
-    return slice(i * d, (i + 1) * d)
-
-
 def add_to_output(delta: LoRADelta, rows: slice | None):
-    def hook(x: Tensor, y: Tensor) -> Tensor:
-        if rows is None:
-            return y + delta(x)
-        update = torch.zeros_like(y)
-        update[..., rows] = delta(x)
-        return y + update
-
-    return hook
+    return lambda x, y: add_on_rows(y, delta(x), rows)
 
 
 @register_method("lora")
@@ -73,16 +59,7 @@ class LoRA(BlockwiseMethod):
         linears = model.backbone.encoders[modality].linears(layer)
         deltas = nn.ModuleDict()
         for target in cfg.targets:
-            name, rows = target, None
-            if target not in linears and target in "qkv" and "qkv" in linears:
-                name = "qkv"
-                rows = fused_slice(target, linears["qkv"].out_features)
-            if name not in linears:
-                raise ValueError(
-                    f"lora: encoder {modality!r} has no linear {target!r}; has {sorted(linears)}"
-                )
-            lin = linears[name]
-            out = lin.out_features if rows is None else rows.stop - rows.start
-            deltas[target] = LoRADelta(lin.in_features, out, cfg.r, cfg.alpha, cfg.dropout)
-            model.backbone.hook(modality, layer, name, add_to_output(deltas[target], rows))
+            t = resolve_linear("lora", modality, linears, target)
+            deltas[target] = LoRADelta(t.in_features, t.out_features, cfg.r, cfg.alpha, cfg.dropout)
+            model.backbone.hook(modality, layer, t.name, add_to_output(deltas[target], t.rows))
         return deltas
