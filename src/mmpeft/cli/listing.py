@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from ..config import ConfigError
 from ..registry import DATASETS, ENCODERS, METHODS, TASKS
@@ -44,6 +45,9 @@ def capabilities(method) -> str:
     caps = [text for attr, text in CAPABILITIES.items() if getattr(method, attr, False)]
     if method.min_modalities > 1:
         caps.insert(0, f">= {method.min_modalities} modalities")
+    blocks = method.block_requirement()  # towers without transformer blocks (timm_cnn)
+    if blocks:
+        caps.append(blocks)
     return ", ".join(caps)
 
 
@@ -104,6 +108,13 @@ def run_inspect(args: argparse.Namespace) -> int:
     from ..train.setup import build_components
 
     config = load_run_config(args.config, args.overrides)
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        from ..methods.applicability import check_applicable
+
+        problems = check_applicable(config["model"])  # from the config alone: nothing is built
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
+            return 2
     try:
         model = build_components(config).model
     except (DataError, OSError) as e:  # the dataset is not here: report with the configured head

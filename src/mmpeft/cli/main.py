@@ -1,10 +1,12 @@
-"""The ``mmpeft`` command: train | eval | bench | list | inspect | demo.
+"""The ``mmpeft`` command: train | pretrain | tune | eval | bench | list | inspect | demo.
 
 mmpeft train --config toy method=wander train.epochs=3 --output runs/toy-wander
 mmpeft eval --run runs/toy-wander
 mmpeft list methods            mmpeft list methods wander
 mmpeft inspect --config toy method=pmf
-mmpeft bench --config toy --methods linear,lora,wander,pmf --output runs/toy-bench
+mmpeft bench --config toy --methods linear,lora,wander,pmf --seeds 0,1,2 --output runs/toy-bench
+mmpeft tune --config toy method=lora --trials 20 --output runs/toy-tune
+mmpeft pretrain --config pretrain-cmu-pom --output weights/pom-features
 mmpeft demo
 """
 
@@ -15,7 +17,7 @@ import logging
 import sys
 
 from ..config import ConfigError
-from . import bench, demo, evaluate, listing, train
+from . import bench, demo, evaluate, listing, pretrain, train, tune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, evaluate, bench, listing, demo):
+    for module in (train, pretrain, tune, evaluate, bench, listing, demo):
         module.add_parser(sub)
     return parser
 

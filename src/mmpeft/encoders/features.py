@@ -159,6 +159,10 @@ class FeatureEncoder(Encoder):
         encoder.source = path
         return encoder
 
+    def save_pretrained(self, path: str) -> None:
+        """config.json + model.safetensors; ``from_pretrained(path)`` (``path:`` in a run config) loads it."""
+        self.model.save_pretrained(path)
+
     def embed(self, inputs: Any) -> EncoderState:
         self.check_input(inputs)
         values, valid = split_feature_input(inputs, self.modality)

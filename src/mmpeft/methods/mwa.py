@@ -119,6 +119,7 @@ def enhancer_entries(cfg: MWAConfig, depths: dict[str, int]) -> list[int]:
 class MultiWayAdapter(Method):
     config_class = MWAConfig
     identity_at_init = True
+    acts_in_blocks = True  # the shared enhancer ties the towers that have blocks; others are skipped
     # Every parameter is on the path of every forward pass: the backbone runs all modalities each
     # step and each adapter/bridge/enhancer acts on its modality's full sequence. (A backbone that
     # skipped an absent modality would leave that modality's adapters unused; see the docs.)

@@ -167,6 +167,12 @@ class PMFHead(nn.Module):
 class PMF(Method):
     config_class = PMFConfig
     min_modalities = 2
+    needs_blocks_in_every_tower = True
+    blockless_hint = (
+        "PMF's fusion layers run the last num_fusion_layers blocks of every tower they fuse; leave it "
+        "out of 'modalities' (PMF then fuses the others, at least 2 with blocks) or fuse final "
+        "features instead (wander, lmf, tfn, late_fusion)"
+    )
 
     @classmethod
     def attach(cls, model, cfg: PMFConfig):

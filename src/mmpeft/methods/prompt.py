@@ -75,14 +75,13 @@ def inserter(prompts: Prompts, j: int, replace: bool):
 @register_method("prompt")
 class PromptTuning(Method):
     config_class = PromptConfig
+    acts_in_blocks = True
 
     @classmethod
     def attach(cls, model, cfg: PromptConfig):
         container = nn.ModuleDict()
         for m in cls.modalities(model, cfg):
             encoder = model.backbone.encoders[m]
-            if encoder.num_layers == 0:
-                raise ValueError(f"prompt: encoder {m!r} has no transformer blocks to put prompts before")
             layers = cls.layers(model, m, cfg)
             if not cfg.deep:
                 layers = layers[:1]

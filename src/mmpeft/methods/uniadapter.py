@@ -178,6 +178,8 @@ class UniAdapter(Method):
     config_class = UniAdapterConfig
     identity_at_init = True  # with init="zero" (the default)
     may_skip_params = True  # the cross-modal branch and ITM head rest in ITC-only steps
+    acts_in_blocks = True  # towers with blocks share per-step modules; block-less ones are skipped
+    modality_options = ("branches",)
 
     @classmethod
     def attach(cls, model, cfg: UniAdapterConfig):
@@ -187,9 +189,6 @@ class UniAdapter(Method):
         branch = cls.branch_map(model, mods, cfg)
         by_step: dict[int, list[tuple[str, int]]] = defaultdict(list)
         for m in mods:
-            enc = backbone.encoders[m]
-            if enc.num_layers == 0:
-                raise ValueError(f"uniadapter: encoder {m!r} has no transformer blocks to adapt")
             for i in cls.layers(model, m, cfg):
                 by_step[backbone.step_of(m, i)].append((m, i))
         container, shared = nn.ModuleDict({m: nn.ModuleDict() for m in mods}), nn.ModuleDict()

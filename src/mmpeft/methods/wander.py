@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..encoders.base import Encoder, EncoderState, strip_prompts
 from ..encoders.features import FeatureTransformerConfig
 from ..registry import register_method
-from .base import Method, MethodConfig
+from .base import BlockUse, Method, MethodConfig
 
 GELU_SECOND_MOMENT = 0.425  # E[GELU(x)^2] for x ~ N(0, 1): keeps each modality factor at unit variance
 
@@ -241,6 +241,17 @@ class Wander(Method):
     identity_at_init = True  # post: the states are untouched; per layer: U_m = 0
     min_modalities = 2
     provides_fusion = True
+    modality_options = ("anchor", "max_len")
+    blockless_hint = "use post placement (layers: null), which fuses the final sequences of any tower"
+
+    @classmethod
+    def block_use(cls, cfg: WanderConfig) -> BlockUse:
+        """Post placement fuses final sequences (any tower); ``layers`` acts between blocks."""
+        return "" if cfg.layers is None else "some"
+
+    @classmethod
+    def block_requirement(cls) -> str:
+        return "with layers: acts in blocks (skips towers without)"
 
     @classmethod
     def attach(cls, model, cfg: WanderConfig):

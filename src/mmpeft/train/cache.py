@@ -1,10 +1,12 @@
-"""Prefix caching (DESIGN §5): the frozen prefix's states, computed once per example.
+"""Prefix caching (DESIGN §5): the frozen prefix's states, computed once per distinct input.
 
 When every trainable module acts at schedule step s > 0 or later, the states entering step s are
-a pure function of the input (frozen encoders run in eval mode, without dropout). The trainer
-then computes ``backbone.run_steps(backbone.embed(x), 0, s)`` once per example and trains from
-this in-memory cache. Each example's rows are stored trimmed of trailing padding and re-padded
-per batch, so any batch composition gives the states an uncached batch would give.
+a pure function of the input (frozen encoders run in eval mode, without dropout), and each
+modality's states depend on its own input only. The trainer computes them once per distinct
+input of each modality, files them in a ``FeatureStore`` on disk (shared by later runs, bench
+methods and tune trials; see ``feature_store``) or in memory, and trains and evaluates from
+them. Each example's rows are stored trimmed of trailing padding and re-padded per batch, so any
+batch composition gives the states an uncached batch would give.
 
 Requirements (checked): the reader does not augment, the encoders keep no per-batch ``extras``.
 """
@@ -17,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.base import collate_examples
+from ..data.base import DataError
 from ..encoders.base import EncoderState
-from .batches import sequential_batches, to_device
+from .batches import to_device
+from .feature_store import FeatureStore, content_hash, encoder_fingerprint
 
 log = logging.getLogger("mmpeft")
 
@@ -57,8 +60,48 @@ def cacheable_step(model: nn.Module, reader: Any) -> int:
     return s
 
 
+class MemoryStore:
+    """The in-memory stand-in for a ``FeatureStore`` (``train.cache_dir: ""``): lives for one run."""
+
+    def __init__(self):
+        self.rows: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self.layout = (0, 0)
+
+    def missing(self, hashes: list[str]) -> list[str]:
+        return [h for h in dict.fromkeys(hashes) if h not in self.rows]
+
+    def put(self, rows: dict, layout: tuple[int, int]) -> None:
+        self.rows.update(rows)
+        self.layout = layout
+
+    def get(self, hashes: list[str]) -> tuple[dict, tuple[int, int]]:
+        return {h: self.rows[h] for h in dict.fromkeys(hashes)}, self.layout
+
+
+def open_stores(model, step: int, root: str | None, precision: str) -> dict[str, Any]:
+    """One store per modality: on disk under ``root`` (shared by runs), or in memory when root is
+    empty or the model was not built from a config (nothing to fingerprint its preprocessing by)."""
+    bb = model.backbone
+    specs = (getattr(model, "config", None) or {}).get("encoders", {})
+    stores: dict[str, Any] = {}
+    for m, enc in bb.encoders.items():
+        if not root or m not in specs:
+            stores[m] = MemoryStore()
+            continue
+        fingerprint = encoder_fingerprint(enc, specs[m], blocks_before(bb, m, step), precision)
+        stores[m] = FeatureStore(root, fingerprint)
+    return stores
+
+
+def blocks_before(bb, modality: str, step: int) -> int:
+    """How many blocks of ``modality`` run before schedule step ``step``."""
+    return min(max(0, step - bb.offset(modality)), bb.encoders[modality].num_layers)
+
+
 class PrefixCache:
-    """Per-example states at step ``step`` of one split, plus targets and ids."""
+    """Per-example states at step ``step`` of one split, plus targets and ids.
+
+    Rows are shared between examples with equal inputs (an image and its five captions)."""
 
     def __init__(self, step: int):
         self.step = step
@@ -66,52 +109,101 @@ class PrefixCache:
         self.layout: dict[str, tuple[int, int]] = {}  # modality -> (n_prefix, n_prompt)
         self.targets: list[Any] = []
         self.ids: list[Any] = []
+        self.computed = 0  # distinct inputs computed (not found in the store) while building
 
     def __len__(self) -> int:
         return len(self.targets)
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, dataset, step: int, batch_size: int, device, autocast) -> PrefixCache:
+    def build(
+        cls, model, dataset, step: int, batch_size: int, device, autocast, stores: dict | None = None
+    ) -> PrefixCache:
+        """Read ``dataset`` once, compute the states of inputs the stores lack, then gather every row."""
         cache = cls(step)
+        bb = model.backbone
+        stores = stores or {m: MemoryStore() for m in bb.modalities}
+        hashes = cache._read(dataset, bb.modalities)
         was_training = model.training
         model.eval()
-        bb = model.backbone
         try:
-            for idx in sequential_batches(len(dataset), batch_size):
-                batch = collate_examples([dataset[i] for i in idx], bb.encoders)
-                with autocast():
-                    states = bb.run_steps(bb.embed(to_device(batch["inputs"], device)), 0, step)
-                for m, state in states.items():
-                    cache.add_rows(m, state)
-                cache.targets += batch["targets"]
-                cache.ids += batch["ids"]
+            for m in bb.modalities:
+                cache._compute_missing(bb, m, dataset, hashes[m], stores[m], batch_size, device, autocast)
         finally:
             model.train(was_training)
+        for m in bb.modalities:
+            rows, cache.layout[m] = stores[m].get(hashes[m])
+            cache.rows[m] = [rows[h] for h in hashes[m]]
         return cache
 
-    def add_rows(self, modality: str, state: EncoderState) -> None:
-        if state.extras:
-            raise CacheError(
-                f"prefix caching: encoder {modality!r} keeps per-batch extras {sorted(state.extras)}; "
-                "set train.prefix_cache=false"
-            )
-        layout = (state.n_prefix, state.n_prompt)
-        if self.layout.setdefault(modality, layout) != layout:
-            raise CacheError(f"prefix caching: encoder {modality!r} changes its token layout between batches")
-        rows = self.rows.setdefault(modality, [])
-        tokens = state.tokens.detach().cpu()  # (B, T, D)
-        pad = None if state.pad_mask is None else state.pad_mask.cpu()  # (B, T)
-        for b in range(tokens.shape[0]):
-            if pad is None:
-                rows.append((tokens[b].clone(), None))
-                continue
-            real = (~pad[b]).nonzero()
-            n = int(real.max()) + 1 if len(real) else 1  # keep up to the last real token
-            rows.append((tokens[b, :n].clone(), pad[b, :n].clone()))
+    def _read(self, dataset, modalities: list[str]) -> dict[str, list[str]]:
+        """One pass over the split: targets, ids and each modality's input hash per example."""
+        hashes: dict[str, list[str]] = {m: [] for m in modalities}
+        for i in range(len(dataset)):
+            ex = dataset[i]
+            for m in modalities:
+                if m not in ex["inputs"]:
+                    raise DataError(
+                        f"example {ex.get('id')!r} has no {m!r} input; it has {sorted(ex['inputs'])}"
+                    )
+                try:
+                    hashes[m].append(content_hash(ex["inputs"][m]))
+                except TypeError as e:
+                    raise CacheError(
+                        f"prefix caching: {m!r} input of example {ex.get('id')!r}: {e}"
+                    ) from None
+            self.targets.append(ex.get("target"))
+            self.ids.append(ex.get("id"))
+        return hashes
+
+    def _compute_missing(self, bb, m, dataset, hashes, store, batch_size, device, autocast) -> None:
+        todo = store.missing(hashes)
+        if not todo:
+            return
+        first = {}
+        for i, h in enumerate(hashes):
+            first.setdefault(h, i)
+        log.info("prefix cache: computing %d %s input(s)", len(todo), m)
+        enc, n_blocks = bb.encoders[m], blocks_before(bb, m, self.step)
+        pending: dict[str, tuple[Tensor, Tensor | None]] = {}
+        layout = (0, 0)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            batch = enc.collate([dataset[first[h]]["inputs"][m] for h in chunk])
+            with autocast():
+                state = enc.embed(to_device(batch, device))
+                for i in range(n_blocks):
+                    state = bb.run_block(m, i, state)
+            layout = check_state(m, state)
+            pending.update(zip(chunk, trimmed_rows(state), strict=True))
+            if sum(t.numel() * t.element_size() for t, _ in pending.values()) > 64 * 2**20:
+                store.put(pending, layout)
+                pending = {}
+        store.put(pending, layout)
+        self.computed += len(todo)
+
+    @classmethod
+    def concat(cls, caches: list[PrefixCache]) -> PrefixCache:
+        """The examples of several caches of the same step, in order (train+val for a refit)."""
+        out = cls(caches[0].step)
+        out.layout = dict(caches[0].layout)
+        for c in caches:
+            if c.step != out.step or c.layout != out.layout:
+                raise CacheError("prefix caching: cannot join caches of different steps or layouts")
+            for m, rows in c.rows.items():
+                out.rows.setdefault(m, []).extend(rows)
+            out.targets += c.targets
+            out.ids += c.ids
+        return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for rows in self.rows.values() for t, _ in rows)
+        seen, total = set(), 0
+        for rows in self.rows.values():
+            for t, _ in rows:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total
 
     def collate(self, indices: list[int]) -> dict[str, Any]:
         """Cached examples -> {"inputs": {m: EncoderState}, "targets", "ids", "cached": True}."""
@@ -126,6 +218,31 @@ class PrefixCache:
             "ids": [self.ids[i] for i in indices],
             "cached": True,
         }
+
+
+def check_state(modality: str, state: EncoderState) -> tuple[int, int]:
+    """The state's token layout; per-batch ``extras`` cannot be cached."""
+    if state.extras:
+        raise CacheError(
+            f"prefix caching: encoder {modality!r} keeps per-batch extras {sorted(state.extras)}; "
+            "set train.prefix_cache=false"
+        )
+    return state.n_prefix, state.n_prompt
+
+
+def trimmed_rows(state: EncoderState) -> list[tuple[Tensor, Tensor | None]]:
+    """Each example's (tokens (T_i, D), pad (T_i,) or None), cut after its last real token."""
+    tokens = state.tokens.detach().cpu()  # (B, T, D)
+    pad = None if state.pad_mask is None else state.pad_mask.cpu()  # (B, T)
+    rows = []
+    for b in range(tokens.shape[0]):
+        if pad is None:
+            rows.append((tokens[b].clone(), None))
+            continue
+        real = (~pad[b]).nonzero()
+        n = int(real.max()) + 1 if len(real) else 1  # keep up to the last real token
+        rows.append((tokens[b, :n].clone(), pad[b, :n].clone()))
+    return rows
 
 
 def _pad_rows(rows: list[tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:

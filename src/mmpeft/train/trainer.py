@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.data import ConcatDataset
 
 from ..adapter_io import adapter_state_dict, save_adapter
 from ..checkpoint import atomic_write_bytes
@@ -37,9 +38,11 @@ from ..data.base import DataError
 from ..report import parameter_counts, trainable_and_total
 from ..run_config import RUNTIME_ONLY, dump_yaml, read_yaml
 from .batches import epoch_batches
-from .cache import PrefixCache, TrainModule, cacheable_step
+from .cache import PrefixCache, TrainModule, cacheable_step, open_stores
 from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .contribution import modality_contributions
 from .evaluation import device_batch, evaluate, split_loader
+from .feature_store import default_cache_root
 from .optim import build_optimizer, build_scheduler
 from .setup import build_components, make_accelerator
 
@@ -88,10 +91,18 @@ class Trainer:
     "step" (after each optimizer step), "eval" (after each evaluation) or "checkpoint"."""
 
     def __init__(
-        self, config: dict, output_dir: str | None = None, *, reader=None, callbacks=(), resume=False
+        self,
+        config: dict,
+        output_dir: str | None = None,
+        *,
+        reader=None,
+        callbacks=(),
+        resume=False,
+        merge_val: bool = False,
     ):
         self.output_dir = output_dir
         self.resume = resume
+        self.merge_val = merge_val  # train on train+val, no selection split (the refit of train.refit)
         self.callbacks = list(callbacks)
         comps = build_components(config, reader)
         self.config, self.reader, self.task, self.model = comps.config, comps.reader, comps.task, comps.model
@@ -135,7 +146,11 @@ class Trainer:
             raise DataError(
                 f"dataset {self.reader.name!r} has no 'train' split; it has {list(self.reader.splits)}"
             )
-        self.val_set, self.test_set = self._split("val"), self._split("test")
+        self.val_set = self._split("val")
+        self.test_set = self._split("test") if self.cfg.score_test else None
+        if self.merge_val and self.val_set is not None:
+            self.train_set = ConcatDataset([self.train_set, self.val_set])
+            self.val_set = None
         acc = self.accelerator
         world = acc.num_processes
         self.batches_per_epoch = math.ceil(len(self.train_set) / (self.cfg.batch_size * world))
@@ -153,25 +168,46 @@ class Trainer:
             self._build_caches()
 
     def _build_caches(self) -> None:
+        """States of the frozen prefix for every split, through the shared on-disk store.
+
+        The main process computes what the store lacks first; the others then only read it."""
         t0 = time.perf_counter()
+        parent = getattr(self, "caches_from", None)
+        if parent is not None and parent.caches and parent.cache_step == self.cache_step:
+            self.caches = {"train": PrefixCache.concat([parent.caches["train"], parent.caches["val"]])}
+            if "test" in parent.caches:
+                self.caches["test"] = parent.caches["test"]
+            self.cache_info = {**parent.cache_info, "build_time_s": 0.0, "computed_items": 0}
+            return
+        acc = self.accelerator
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
-        for name, dataset in (("train", self.train_set), ("val", self.val_set)):
-            if dataset is not None:
+        root = default_cache_root() if self.cfg.cache_dir is None else self.cfg.cache_dir
+        precision = str(acc.mixed_precision) if acc.device.type != "cpu" else "no"
+        stores = open_stores(self.model, self.cache_step, root, precision)
+        computed = 0
+        with acc.main_process_first():
+            for name, dataset in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)):
+                if dataset is None:
+                    continue
                 self.caches[name] = PrefixCache.build(
-                    self.model,
-                    dataset,
-                    self.cache_step,
-                    bs,
-                    self.accelerator.device,
-                    self.accelerator.autocast,
+                    self.model, dataset, self.cache_step, bs, acc.device, acc.autocast, stores
                 )
+                computed += self.caches[name].computed
         mb = sum(c.nbytes() for c in self.caches.values()) / 2**20
-        self.cache_info = {"step": self.cache_step, "size_mb": mb, "build_time_s": time.perf_counter() - t0}
+        self.cache_info = {
+            "step": self.cache_step,
+            "size_mb": mb,
+            "build_time_s": time.perf_counter() - t0,
+            "computed_items": computed,
+            "store": root or "memory",
+        }
         log.info(
-            "prefix cache: states at step %d, %.1f MB, %.1f s",
+            "prefix cache: states at step %d, %.1f MB, %d input(s) computed, %.1f s (%s)",
             self.cache_step,
             mb,
+            computed,
             self.cache_info["build_time_s"],
+            root or "in memory",
         )
 
     # --- the loop -------------------------------------------------------------------------------
@@ -182,6 +218,9 @@ class Trainer:
         self._write_config()
         self._setup()
         state = TrainState()
+        if self.closed_form:
+            self._fit_closed_form(state)
+            return self._finish(state)
         if self.resume:
             self._restore(state)
         self._open_writer()
@@ -192,7 +231,46 @@ class Trainer:
         finally:
             if self.writer is not None:
                 self.writer.close()
+        if self.cfg.refit and self.val_set is not None:
+            return self._refit(state)
         return self._finish(state)
+
+    @property
+    def closed_form(self) -> bool:
+        """A method fitted in closed form (``probe``) replaces the gradient loop."""
+        return any(getattr(m, "closed_form", False) for m in self.model.methods.values())
+
+    def _fit_closed_form(self, st: TrainState) -> None:
+        from ..methods.probe import fit_closed_form
+
+        t0 = time.perf_counter()
+        st.history = fit_closed_form(self)
+        chosen = next((h for h in st.history if h.get("chosen")), st.history[-1])
+        st.best, st.best_epoch = chosen["val"].get(self.task.primary), chosen["epoch"]
+        st.epoch, st.done = len(st.history), True
+        st.loop_time = time.perf_counter() - t0
+        self.best_state = None  # the model holds the chosen fit (refitted on train+val with train.refit)
+        for h in st.history:
+            log.info(
+                "probe alpha %g: val %s%s", h["alpha"], fmt(h["val"]), " (chosen)" if h.get("chosen") else ""
+            )
+
+    def _refit(self, st: TrainState) -> dict[str, Any]:
+        """train.refit: train afresh on train+val for the epoch count chosen on val, then score test."""
+        epochs = st.best_epoch + 1
+        log.info("refit: training on train+val for %d epoch(s), the best on val", epochs)
+        train = {**self.config["train"], "epochs": epochs, "max_steps": 0, "patience": 0, "refit": False}
+        config = {**self.config, "train": train}
+        refit = Trainer(config, None, reader=self.reader, merge_val=True)
+        refit.caches_from = self  # reuse this run's prefix caches instead of re-reading the data
+        t0 = time.perf_counter()
+        result = refit.fit()
+        weights = adapter_state_dict(refit.model)
+        self.model.load_state_dict(to_model_device(weights, self.accelerator.device), strict=False)
+        self.best_state = None
+        self.refit_info = {"epochs": epochs, "train_examples": len(refit.train_set),
+                           "train_time_s": time.perf_counter() - t0, "steps": result["steps"]}  # fmt: skip
+        return self._finish(st)
 
     def _run_epoch(self, st: TrainState, started: float) -> None:
         accum = self.cfg.gradient_accumulation_steps
@@ -416,14 +494,27 @@ class Trainer:
                 to_model_device(self.best_state, self.accelerator.device), strict=False
             )
         t0 = time.perf_counter()
-        test = self._evaluate(self.test_set) if self.test_set is not None else {}
+        test = self._evaluate(self.caches.get("test", self.test_set)) if self.test_set is not None else {}
         log.info("test (best epoch %d): %s", st.best_epoch, fmt(test))
+        replaced = self._contributions() if test else None
         metrics = self._metrics(st, test, time.perf_counter() - t0)
+        metrics["test_replaced"] = replaced
         if self.is_main and self.output_dir is not None:
             save_adapter(self.model, self.path("adapter"))
             atomic_write_bytes(self.path("metrics.json"), json.dumps(metrics, indent=2).encode())
         self.accelerator.wait_for_everyone()
         return metrics
+
+    def _contributions(self) -> dict[str, dict] | None:
+        """Test metrics with each modality's input replaced by another example's (see contribution)."""
+        modalities = self.model.backbone.modalities
+        if not self.cfg.modality_contribution or len(modalities) < 2 or self.task.name == "retrieval":
+            return None
+        out = modality_contributions(self._evaluate, self.caches.get("test", self.test_set), modalities)
+        primary = self.task.primary
+        log.info("test %s with one modality replaced: %s", primary,
+                 ", ".join(f"{m} {v[primary]:.4f}" for m, v in out.items()))  # fmt: skip
+        return out
 
     def _metrics(self, st: TrainState, test: dict, test_time: float) -> dict[str, Any]:
         trainable, total = trainable_and_total(self.model)
@@ -449,6 +540,7 @@ class Trainer:
             "stopped_early": st.stopped_early,
             "world_size": self.accelerator.num_processes,
             "prefix_cache": getattr(self, "cache_info", None),
+            "refit": getattr(self, "refit_info", None),
             "val": best,
             "test": test,
             "history": st.history,

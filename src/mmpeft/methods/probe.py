@@ -1,0 +1,236 @@
+"""`probe`: the frozen-feature probe every table needs — a closed-form fit, not gradient descent.
+
+The frozen encoders' pooled features (concatenated over modalities) are standardised with the
+training split's mean and std, and a regularised linear model is fitted with scikit-learn:
+
+- classification: multinomial logistic regression (``C = 1 / alpha``);
+- multilabel: one logistic regression per label;
+- regression: ridge regression;
+- retrieval: a ridge map from the first modality's features to the second's (standardised)
+  features, ranked by cosine similarity (the ``../shared/data`` reference probe for Flickr8k).
+
+The regularisation strength is chosen from ``alphas`` by the task's primary metric on the
+validation split (the same meter and splits as every trained method); with ``train.refit`` the
+probe is then refitted on train+val with that strength. The fitted model is written into the
+ordinary head (standardisation folded into its weights), so it saves, loads and evaluates like
+any adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..registry import register_method
+from .base import Method, MethodConfig
+
+
+@dataclass
+class ProbeConfig(MethodConfig):
+    solver: Literal["auto", "logistic", "ridge"] = "auto"
+    """"auto": logistic regression for classification/multilabel, ridge for regression/retrieval."""
+    alphas: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0])
+    """Regularisation strengths tried (ridge alpha; logistic C = 1/alpha), chosen on the val split."""
+    max_iter: int = 2000
+    """Iterations of the logistic-regression solver."""
+
+
+@register_method("probe")
+class ProbeMethod(Method):
+    """Fits the default head (or the retrieval projections) in closed form on frozen features."""
+
+    config_class = ProbeConfig
+    identity_at_init = True
+    closed_form = True
+
+    @classmethod
+    def attach(cls, model, cfg: ProbeConfig):
+        if cfg.modalities is not None:
+            raise ValueError("probe: it uses every modality's pooled features; leave 'modalities' unset")
+        if not cfg.alphas or any(a <= 0 for a in cfg.alphas):
+            raise ValueError(f"probe: alphas must be positive numbers, got {cfg.alphas}")
+        if model.head_config.hidden > 0:
+            raise ValueError("probe: it fits a linear head; set model.head.hidden to 0")
+        model.probe_config = cfg
+        return None
+
+
+# --- features and targets ---------------------------------------------------------------------
+@torch.no_grad()
+def collect(trainer, source) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Pooled frozen features per modality (N, D_m) of a split, and its batches (for targets/ids)."""
+    from ..train.batches import sequential_batches
+    from ..train.evaluation import device_batch, split_loader
+
+    model, bb = trainer.model, trainer.model.backbone
+    model.eval()
+    bs = trainer.cfg.eval_batch_size or trainer.cfg.batch_size
+    loader = split_loader(source, sequential_batches(len(source), bs), bb.encoders, 0, torch.Generator())
+    feats: dict[str, list[np.ndarray]] = {}
+    batches = []
+    for batch in loader:
+        batch = device_batch(batch, trainer.accelerator.device)
+        if batch.get("cached"):
+            states = bb.finalize(bb.run_steps(batch["inputs"], trainer.cache_step, bb.num_steps))
+        else:
+            states = bb(batch["inputs"])
+        for m, pooled in model.pooled(states).items():
+            feats.setdefault(m, []).append(pooled.float().cpu().numpy().astype(np.float64))
+        batches.append({"targets": batch["targets"], "ids": batch["ids"]})
+    return {m: np.concatenate(v) for m, v in feats.items()}, batches
+
+
+def targets_of(task, batches: list[dict], n_out: int) -> np.ndarray:
+    """Targets as the task reads them: class indices (N,), 0/1 labels (N, L) or values (N, K)."""
+    cpu = torch.device("cpu")
+    if task.name == "classification":
+        return np.concatenate([task.targets(b, n_out, cpu).numpy() for b in batches])
+    if task.name == "multilabel":
+        return np.concatenate([task.targets(b, n_out, cpu).numpy() for b in batches])
+    if task.name == "regression":
+        return np.concatenate([task.target_array(b, n_out) for b in batches])
+    raise ValueError(
+        f"probe: task {task.name!r} is not supported (classification, multilabel, regression, retrieval)"
+    )
+
+
+def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(0)
+    std = x.std(0)
+    return mean, np.where(std > 1e-8, std, 1.0)
+
+
+def fold(linear: nn.Linear, w: np.ndarray, b: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+    """Set ``linear`` so that linear(x) = w @ ((x - mean) / std) + b."""
+    w_raw = w / std[None, :]  # (C, D)
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(w_raw, dtype=linear.weight.dtype))
+        linear.bias.copy_(torch.as_tensor(b - w_raw @ mean, dtype=linear.bias.dtype))
+
+
+# --- solvers --------------------------------------------------------------------------------------
+def fit_logistic(z: np.ndarray, y: np.ndarray, n_classes: int, alpha: float, max_iter: int):
+    """Multinomial logistic regression -> (W (C, D), b (C,)); classes absent from y get no mass."""
+    from sklearn.linear_model import LogisticRegression
+
+    present = np.unique(y)
+    w, b = np.zeros((n_classes, z.shape[1])), np.full(n_classes, -30.0)
+    if len(present) == 1:  # nothing to separate: always predict the one class seen
+        b[present[0]] = 0.0
+        return w, b
+    clf = LogisticRegression(C=1.0 / alpha, max_iter=max_iter).fit(z, y)
+    if len(present) == 2:  # sklearn keeps one row for two classes: logit(second) - logit(first)
+        w[present[1]], b[present[1]] = clf.coef_[0], clf.intercept_[0]
+        b[present[0]] = 0.0
+    else:
+        w[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_
+    return w, b
+
+
+def fit_multilabel(z: np.ndarray, y: np.ndarray, alpha: float, max_iter: int):
+    w, b = np.zeros((y.shape[1], z.shape[1])), np.zeros(y.shape[1])
+    for j in range(y.shape[1]):
+        pair_w, pair_b = fit_logistic(z, y[:, j].astype(int), 2, alpha, max_iter)
+        w[j], b[j] = pair_w[1] - pair_w[0], pair_b[1] - pair_b[0]
+    return w, b
+
+
+def fit_ridge(z: np.ndarray, y: np.ndarray, alpha: float):
+    from sklearn.linear_model import Ridge
+
+    reg = Ridge(alpha=alpha).fit(z, y)
+    coef = reg.coef_.reshape(-1, z.shape[1])
+    return coef, np.asarray(reg.intercept_, dtype=np.float64).reshape(-1)
+
+
+# --- fitting into the model -------------------------------------------------------------------
+class HeadProbe:
+    """Classification / multilabel / regression: the default head is the linear model."""
+
+    def __init__(self, trainer, cfg: ProbeConfig):
+        self.trainer, self.cfg = trainer, cfg
+        head = trainer.model.peft["head"]
+        self.linear = head.net[-1]
+        self.solver = cfg.solver
+        if self.solver == "auto":
+            self.solver = "ridge" if trainer.task.name == "regression" else "logistic"
+
+    def data(self, source) -> tuple[np.ndarray, np.ndarray]:
+        feats, batches = collect(self.trainer, source)
+        x = np.concatenate(list(feats.values()), axis=1)  # the model's feature order
+        return x, targets_of(self.trainer.task, batches, self.linear.out_features)
+
+    def fit(self, x: np.ndarray, y: np.ndarray, alpha: float) -> None:
+        mean, std = standardise(x)
+        z = (x - mean) / std
+        task = self.trainer.task.name
+        if self.solver == "ridge":
+            target = np.eye(self.linear.out_features)[y] if task == "classification" else y
+            w, b = fit_ridge(z, target.astype(np.float64), alpha)
+        elif task == "classification":
+            w, b = fit_logistic(z, y, self.linear.out_features, alpha, self.cfg.max_iter)
+        elif task == "multilabel":
+            w, b = fit_multilabel(z, y, alpha, self.cfg.max_iter)
+        else:
+            raise ValueError(f"probe: solver 'logistic' does not fit task {task!r}; use solver 'ridge'")
+        fold(self.linear, w, b, mean, std)
+
+
+class RetrievalProbe:
+    """Retrieval: a ridge map from modality a's features into modality b's standardised space."""
+
+    def __init__(self, trainer, cfg: ProbeConfig):
+        self.trainer = trainer
+        head = trainer.model.peft["head"]
+        self.a, self.b = trainer.task.cfg.modalities
+        self.proj = head.proj
+        dim_b = trainer.model.backbone.encoders[self.b].dim
+        if self.proj[self.b].out_features != dim_b:
+            raise ValueError(
+                f"probe: retrieval maps {self.a!r} into the feature space of {self.b!r}, so task.embed_dim "
+                f"must equal its width {dim_b} (got {self.proj[self.b].out_features})"
+            )
+
+    def data(self, source) -> tuple[np.ndarray, np.ndarray]:
+        feats, _ = collect(self.trainer, source)
+        return feats[self.a], feats[self.b]
+
+    def fit(self, x: np.ndarray, y: np.ndarray, alpha: float) -> None:
+        mean_a, std_a = standardise(x)
+        mean_b, std_b = standardise(y)
+        w, b = fit_ridge((x - mean_a) / std_a, (y - mean_b) / std_b, alpha)
+        fold(self.proj[self.a], w, b, mean_a, std_a)
+        fold(self.proj[self.b], np.eye(len(mean_b)), np.zeros(len(mean_b)), mean_b, std_b)
+
+
+def fit_closed_form(trainer) -> list[dict[str, Any]]:
+    """Fit the probe on train, choose alpha on val; returns one history record per alpha tried.
+
+    Leaves the model with the chosen alpha fitted on train (or train+val with ``train.refit``)."""
+    cfg = trainer.model.probe_config
+    probe = (RetrievalProbe if trainer.task.name == "retrieval" else HeadProbe)(trainer, cfg)
+    train = trainer.caches.get("train", trainer.train_set)
+    val = trainer.caches.get("val", trainer.val_set)
+    x, y = probe.data(train)
+    if val is None and len(cfg.alphas) > 1:
+        raise ValueError("probe: choosing among several alphas needs a val split; give one alpha")
+    history: list[dict[str, Any]] = [{"epoch": 0, "alpha": cfg.alphas[0], "val": {}}]
+    best = 0
+    if val is not None:
+        history = []
+        for i, alpha in enumerate(cfg.alphas):
+            probe.fit(x, y, alpha)
+            history.append({"epoch": i, "alpha": alpha, "val": trainer._evaluate(val)})
+        scores = [h["val"][trainer.task.primary] for h in history]
+        best = int(np.nanargmax(scores) if trainer.task.higher_is_better else np.nanargmin(scores))
+    if trainer.cfg.refit and val is not None:
+        xv, yv = probe.data(val)
+        x, y = np.concatenate([x, xv]), np.concatenate([y, yv])
+    probe.fit(x, y, cfg.alphas[best])
+    for i, h in enumerate(history):
+        h["chosen"] = i == best
+    return history

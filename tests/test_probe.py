@@ -1,0 +1,108 @@
+"""The `probe` baseline (closed-form fit on frozen features) and `train.refit` (train+val refit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmpeft.data.base import collate_examples
+from mmpeft.run_config import load_run_config
+from mmpeft.train import Trainer
+from mmpeft.train.evaluation import evaluate_run
+from test_trainer import one_thread  # noqa: F401  (fixture)
+
+pytest.importorskip("sklearn")
+
+
+def toy(*overrides: str) -> dict:
+    return load_run_config(
+        "toy", ["train.tensorboard=false", "train.progress=false", "train.cache_dir=''", *overrides]
+    )
+
+
+def pooled_features(trainer, split: str) -> tuple[np.ndarray, list]:
+    """Frozen pooled features computed here from raw inputs, independently of the probe's code."""
+    model = trainer.model.eval()
+    data = trainer.reader.split(split)
+    batch = collate_examples([data[i] for i in range(len(data))], model.backbone.encoders)
+    with torch.no_grad():
+        with model.adapters_disabled():
+            states = model.backbone(batch["inputs"])
+        x = torch.cat([model.backbone.encoders[m].pool(s) for m, s in states.items()], -1)
+    return x.double().numpy(), batch["targets"]
+
+
+def test_probe_classification_is_sklearn_logistic_regression_with_alpha_chosen_on_val(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    out = str(tmp_path / "probe")
+    trainer = Trainer(toy("method=probe", "model.methods.0.alphas=[0.01,1.0,100.0]"), out)
+    metrics = trainer.fit()
+    history = metrics["history"]
+    assert [h["alpha"] for h in history] == [0.01, 1.0, 100.0]
+    scores = [h["val"]["accuracy"] for h in history]
+    chosen = [h for h in history if h["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["val"]["accuracy"] == max(scores)
+    assert metrics["val"]["accuracy"] == max(scores) and metrics["steps"] == 0
+    # the same fit, written out here: standardise on train, multinomial logistic regression
+    x, y = pooled_features(trainer, "train")
+    xt, yt = pooled_features(trainer, "test")
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=1.0 / chosen[0]["alpha"], max_iter=2000).fit(scaler.transform(x), y)
+    expected = float(np.mean(clf.predict(scaler.transform(xt)) == np.array(yt)))
+    assert metrics["test"]["accuracy"] == pytest.approx(expected, abs=1.5 / len(yt))
+    assert evaluate_run(out)["accuracy"] == pytest.approx(metrics["test"]["accuracy"])  # saved + reloaded
+
+
+def test_probe_regression_is_ridge_and_refit_uses_train_and_val():
+    from sklearn.linear_model import Ridge
+
+    over = [
+        "data.task=regression",
+        "task={name: regression}",
+        "method=probe",
+        "model.methods.0.alphas=[10.0]",
+    ]
+    trainer = Trainer(toy(*over, "train.refit=true"))
+    metrics = trainer.fit()
+    x, y = pooled_features(trainer, "train")
+    xv, yv = pooled_features(trainer, "val")
+    xt, yt = pooled_features(trainer, "test")
+    xa, ya = np.concatenate([x, xv]), np.concatenate([np.array(y), np.array(yv)]).reshape(-1)
+    mean, std = xa.mean(0), xa.std(0)
+    reg = Ridge(alpha=10.0).fit((xa - mean) / std, ya)
+    pred = reg.predict((xt - mean) / std)
+    assert metrics["test"]["mae"] == pytest.approx(
+        float(np.mean(np.abs(pred - np.array(yt).reshape(-1)))), rel=1e-4
+    )
+
+
+def test_probe_retrieval_maps_one_modality_into_the_other():
+    over = [
+        "task={name: retrieval, modalities: [text, image], embed_dim: 32}",
+        "method=probe",
+        "model.methods.0.alphas=[1.0, 100.0]",
+    ]
+    metrics = Trainer(toy(*over)).fit()
+    assert 0.0 <= metrics["test"]["mean_recall"] <= 1.0 and len(metrics["history"]) == 2
+    with pytest.raises(Exception, match="embed_dim must equal its width 32"):
+        Trainer(toy(*over[1:], "task={name: retrieval, modalities: [text, image], embed_dim: 16}")).fit()
+
+
+def test_probe_refuses_a_hidden_head_and_chosen_modalities():
+    with pytest.raises(Exception, match="linear head"):
+        Trainer(toy("method=probe", "model.head.hidden=8"))
+    with pytest.raises(Exception, match="leave 'modalities' unset"):
+        Trainer(toy("model.methods=[{name: probe, modalities: [text]}]"))
+
+
+def test_refit_trains_on_train_and_val_for_the_chosen_epochs(tmp_path):
+    out = str(tmp_path / "refit")
+    metrics = Trainer(toy("method=linear", "train.epochs=3", "train.refit=true"), out).fit()
+    assert metrics["refit"]["epochs"] == metrics["best_epoch"] + 1
+    assert metrics["refit"]["train_examples"] == 192 + 64  # train + val of the toy config
+    assert evaluate_run(out)["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    plain = Trainer(toy("method=linear", "train.epochs=3")).fit()
+    assert plain["refit"] is None and plain["val"] == metrics["val"]  # selection is the same run
