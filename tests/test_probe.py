@@ -106,3 +106,17 @@ def test_refit_trains_on_train_and_val_for_the_chosen_epochs(tmp_path):
     assert evaluate_run(out)["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     plain = Trainer(toy("method=linear", "train.epochs=3")).fit()
     assert plain["refit"] is None and plain["val"] == metrics["val"]  # selection is the same run
+
+
+def test_head_init_probe_starts_training_from_the_probe_fit():
+    probe = Trainer(
+        toy("method=probe", "model.methods.0.alphas=[1.0]", "train.modality_contribution=false")
+    ).fit()
+    trainer = Trainer(
+        toy("method=linear", "train.head_init=probe", "train.head_init_alphas=[1.0]", "train.epochs=1")
+    )
+    metrics = trainer.fit()
+    assert metrics["head_init"]["alpha"] == 1.0
+    assert metrics["head_init"]["val"] == probe["val"]  # at step 0 the model is the probe
+    refit = Trainer(toy("method=linear", "train.head_init=probe", "train.epochs=2", "train.refit=true")).fit()
+    assert refit["refit"]["epochs"] == refit["best_epoch"] + 1 and refit["head_init"]["alpha"] > 0

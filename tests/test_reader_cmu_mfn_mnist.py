@@ -245,6 +245,19 @@ def test_mnist_noise_is_fixed_per_index(tmp_path):
     assert pil.mode == "RGB"  # noisy values clipped to [0, 1] before 8-bit conversion
 
 
+def test_mnist_fresh_train_noise_is_redrawn_and_val_test_stay_fixed(tmp_path):
+    images, _ = write_mnist(tmp_path)
+    reader = mnist(tmp_path, noise_sigma=0.5, train_noise="fresh")
+    assert reader.augments and not mnist(tmp_path, noise_sigma=0.5).augments
+    train, val = reader.split("train"), reader.split("val")
+    a, b = train[3]["inputs"]["image"], train[3]["inputs"]["image"]
+    assert not np.array_equal(a, b)  # a new noise field on every read
+    assert abs(float((a - images[3] / 255.0).std()) - 0.5) < 0.05  # of the configured strength
+    np.testing.assert_array_equal(val[0]["inputs"]["image"], val[0]["inputs"]["image"])
+    fixed = mnist(tmp_path, noise_sigma=0.5).split("val")[0]["inputs"]["image"]
+    np.testing.assert_array_equal(val[0]["inputs"]["image"], fixed)
+
+
 def test_mnist_bad_files(tmp_path):
     write_mnist(tmp_path)
     images = tmp_path / "t10k-images-idx3-ubyte.gz"

@@ -85,9 +85,15 @@ def test_prefix_cache_gives_the_same_metrics(overrides):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
 
 
-def test_prefix_cache_refuses_a_model_that_trains_from_the_first_block():
+def test_prefix_cache_refuses_a_model_that_trains_its_embeddings():
     with pytest.raises(CacheError, match="frozen prefix"):
-        Trainer(toy("method=lora", "train.prefix_cache=true")).fit()
+        Trainer(toy("method=full", "train.prefix_cache=true")).fit()
+
+
+def test_prefix_cache_from_the_first_block_caches_the_embeddings():
+    plain = Trainer(toy("method=lora", "train.epochs=1")).fit()
+    cached = Trainer(toy("method=lora", "train.epochs=1", "train.prefix_cache=true")).fit()
+    assert cached["prefix_cache"]["step"] == 0 and cached["test"] == plain["test"]
 
 
 def test_gradient_accumulation_matches_a_larger_batch():

@@ -59,6 +59,11 @@ class TrainConfig:
     """Train on the CPU even when a GPU is available."""
     patience: int = 0
     """Stop after this many evaluations without improvement on the validation split (0: never)."""
+    head_init: Literal["default", "probe"] = "default"
+    """``probe``: before training, fit the head in closed form on the model's features at
+    initialisation (the ``probe`` method's fit, its alpha chosen on val), then train from there."""
+    head_init_alphas: list[float] | None = None
+    """Regularisation strengths tried by ``head_init: probe`` (None: the probe's default grid)."""
     refit: bool = False
     """After choosing the epoch count (the probe: its alpha) on val, train afresh on train+val with
     that choice and score test with the refitted model (the reference probes' protocol)."""

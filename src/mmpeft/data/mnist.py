@@ -60,6 +60,10 @@ class MNISTConfig(ReaderConfig):
     another seed no MNIST image shares its exact noise field with an AV-MNIST input."""
     modality: str = "image"
     """Modality name of the digit images."""
+    train_noise: Literal["fixed", "fresh"] = "fixed"
+    """``fresh``: the train split draws new noise every time an image is read (augmentation for
+    pre-training an image tower: a fixed noise field is memorised); val and test keep the fixed
+    noise. Fresh noise rules out prefix caching."""
 
 
 def read_idx(path: str, magic: int) -> np.ndarray:
@@ -99,6 +103,8 @@ class MNISTReader(DatasetReader):
 
     def __init__(self, cfg: MNISTConfig):
         super().__init__(cfg)
+        self.augments = cfg.train_noise == "fresh" and cfg.noise_sigma > 0
+        self._fresh = np.random.default_rng(cfg.noise_seed + 1)  # the stream of fresh train noise
         if not 0 <= cfg.val_size <= cfg.test_start:
             raise DataError(f"mnist: val_size {cfg.val_size} must be in [0, test_start = {cfg.test_start}]")
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
@@ -131,6 +137,7 @@ class MNISTReader(DatasetReader):
                 f"{images_path}: {len(images)} images, none left for test_start {self.cfg.test_start}"
             )
         x = images.astype(np.float32) / 255.0
+        self._clean = x
         if self.cfg.noise_sigma:
             x = x + np.float32(self.cfg.noise_sigma) * pixel_noise(self.cfg.noise_seed, images.shape)
         return x, labels.astype(np.int64)
@@ -151,10 +158,14 @@ class MNISTReader(DatasetReader):
         split = canonical_split(name, self.splits, self.name)
         self.arrays()  # read and check the files before handing out a dataset
         rows = self.indices(split)
-        return ExampleList(len(rows), partial(self.example, rows), f"mnist[{split}]")
+        fresh = self.augments and split == "train"
+        return ExampleList(len(rows), partial(self.example, rows, fresh), f"mnist[{split}]")
 
-    def image(self, r: int) -> Any:
+    def image(self, r: int, fresh: bool = False) -> Any:
         x = self.arrays()[0][r]  # (28, 28)
+        if fresh:
+            noise = self._fresh.standard_normal(x.shape).astype(np.float32)
+            x = self._clean[r] + np.float32(self.cfg.noise_sigma) * noise
         if self.cfg.image_format == "array":
             return x.copy()
         from ..optional import require
@@ -162,10 +173,10 @@ class MNISTReader(DatasetReader):
         Image = require("PIL.Image", "train")
         return Image.fromarray(np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)).convert("RGB")
 
-    def example(self, rows: range, i: int) -> dict:
+    def example(self, rows: range, fresh: bool, i: int) -> dict:
         r = rows[i]
         return {
-            "inputs": {self.cfg.modality: self.image(r)},
+            "inputs": {self.cfg.modality: self.image(r, fresh)},
             "target": int(self.arrays()[1][r]),
             "id": f"mnist/{r}",
         }

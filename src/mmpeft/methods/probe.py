@@ -59,10 +59,14 @@ class ProbeMethod(Method):
         return None
 
 
+FEATURES = "__features__"
+
+
 # --- features and targets ---------------------------------------------------------------------
 @torch.no_grad()
 def collect(trainer, source) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Pooled frozen features per modality (N, D_m) of a split, and its batches (for targets/ids)."""
+    """Pooled features per modality (N, D_m) of a split and the head's input (under ``FEATURES``:
+    their concatenation, or a fusion method's output), and the split's batches (targets, ids)."""
     from ..train.batches import sequential_batches
     from ..train.evaluation import device_batch, split_loader
 
@@ -71,6 +75,7 @@ def collect(trainer, source) -> tuple[dict[str, np.ndarray], list[dict]]:
     bs = trainer.cfg.eval_batch_size or trainer.cfg.batch_size
     loader = split_loader(source, sequential_batches(len(source), bs), bb.encoders, 0, torch.Generator())
     feats: dict[str, list[np.ndarray]] = {}
+    fused: list[np.ndarray] = []
     batches = []
     for batch in loader:
         batch = device_batch(batch, trainer.accelerator.device)
@@ -80,8 +85,10 @@ def collect(trainer, source) -> tuple[dict[str, np.ndarray], list[dict]]:
             states = bb(batch["inputs"])
         for m, pooled in model.pooled(states).items():
             feats.setdefault(m, []).append(pooled.float().cpu().numpy().astype(np.float64))
+        fused.append(model.features(states).float().cpu().numpy().astype(np.float64))
         batches.append({"targets": batch["targets"], "ids": batch["ids"]})
-    return {m: np.concatenate(v) for m, v in feats.items()}, batches
+    feats = {m: np.concatenate(v) for m, v in feats.items()}
+    return {**feats, FEATURES: np.concatenate(fused)}, batches
 
 
 def targets_of(task, batches: list[dict], n_out: int) -> np.ndarray:
@@ -154,6 +161,8 @@ class HeadProbe:
     def __init__(self, trainer, cfg: ProbeConfig):
         self.trainer, self.cfg = trainer, cfg
         head = trainer.model.peft["head"]
+        if not isinstance(getattr(head, "net", [None])[-1], nn.Linear) or len(head.net) > 2:
+            raise ValueError("probe: it fits a single linear head; set model.head.hidden to 0")
         self.linear = head.net[-1]
         self.solver = cfg.solver
         if self.solver == "auto":
@@ -161,8 +170,7 @@ class HeadProbe:
 
     def data(self, source) -> tuple[np.ndarray, np.ndarray]:
         feats, batches = collect(self.trainer, source)
-        x = np.concatenate(list(feats.values()), axis=1)  # the model's feature order
-        return x, targets_of(self.trainer.task, batches, self.linear.out_features)
+        return feats[FEATURES], targets_of(self.trainer.task, batches, self.linear.out_features)
 
     def fit(self, x: np.ndarray, y: np.ndarray, alpha: float) -> None:
         mean, std = standardise(x)
@@ -208,10 +216,23 @@ class RetrievalProbe:
 
 
 def fit_closed_form(trainer) -> list[dict[str, Any]]:
-    """Fit the probe on train, choose alpha on val; returns one history record per alpha tried.
+    """The ``probe`` method: fit on train, choose alpha on val (refit on train+val with ``train.refit``)."""
+    return select_and_fit(trainer, trainer.model.probe_config, refit=trainer.cfg.refit)
 
-    Leaves the model with the chosen alpha fitted on train (or train+val with ``train.refit``)."""
-    cfg = trainer.model.probe_config
+
+def init_head_from_probe(trainer) -> dict[str, Any]:
+    """``train.head_init: probe``: start the head at the probe's solution on the model's features at
+    initialisation (linear probing, then fine-tuning: Kumar et al., "Fine-Tuning can Distort
+    Pretrained Features and Underperform Out-of-Distribution", ICLR 2022, arXiv 2202.10054)."""
+    alphas = trainer.cfg.head_init_alphas or ProbeConfig().alphas
+    history = select_and_fit(trainer, ProbeConfig(alphas=list(alphas)), refit=False)
+    chosen = next(h for h in history if h["chosen"])
+    return {"alpha": chosen["alpha"], "val": chosen["val"]}
+
+
+def select_and_fit(trainer, cfg: ProbeConfig, refit: bool) -> list[dict[str, Any]]:
+    """Fit once per alpha on train and score val; leave the model with the chosen alpha fitted on
+    train (train+val when ``refit``). Returns one history record per alpha tried."""
     probe = (RetrievalProbe if trainer.task.name == "retrieval" else HeadProbe)(trainer, cfg)
     train = trainer.caches.get("train", trainer.train_set)
     val = trainer.caches.get("val", trainer.val_set)
@@ -227,7 +248,7 @@ def fit_closed_form(trainer) -> list[dict[str, Any]]:
             history.append({"epoch": i, "alpha": alpha, "val": trainer._evaluate(val)})
         scores = [h["val"][trainer.task.primary] for h in history]
         best = int(np.nanargmax(scores) if trainer.task.higher_is_better else np.nanargmin(scores))
-    if trainer.cfg.refit and val is not None:
+    if refit and val is not None:
         xv, yv = probe.data(val)
         x, y = np.concatenate([x, xv]), np.concatenate([y, yv])
     probe.fit(x, y, cfg.alphas[best])

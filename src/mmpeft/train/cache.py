@@ -50,10 +50,10 @@ class TrainModule(nn.Module):
 def cacheable_step(model: nn.Module, reader: Any) -> int:
     """The schedule step s to cache up to; raises CacheError when caching would change results."""
     s = model.backbone.first_trainable_step()
-    if s <= 0:
+    if s < 0:
         raise CacheError(
-            f"prefix caching needs a frozen prefix, but trainable modules act at step {s} "
-            "(the embeddings or the first block); set train.prefix_cache=false"
+            "prefix caching needs a frozen prefix, but the embeddings train "
+            "(a method trains them, e.g. full); set train.prefix_cache=false"
         )
     if reader.augments:
         raise CacheError(f"prefix caching needs fixed inputs, but dataset {reader.name!r} augments them")

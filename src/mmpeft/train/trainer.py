@@ -164,8 +164,14 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, self.cfg, self.total_steps)
         self.wrapped, self.optimizer = acc.prepare(self.module, optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.cache_step:
+        if self.cfg.prefix_cache:
             self._build_caches()
+        if self.cfg.head_init == "probe" and not self.closed_form:
+            from ..methods.probe import init_head_from_probe
+
+            self.head_init_info = init_head_from_probe(self)
+            log.info("head initialised by the probe: alpha %g, val %s", self.head_init_info["alpha"],
+                     fmt(self.head_init_info["val"]))  # fmt: skip
 
     def _build_caches(self) -> None:
         """States of the frozen prefix for every split, through the shared on-disk store.
@@ -259,7 +265,10 @@ class Trainer:
         """train.refit: train afresh on train+val for the epoch count chosen on val, then score test."""
         epochs = st.best_epoch + 1
         log.info("refit: training on train+val for %d epoch(s), the best on val", epochs)
-        train = {**self.config["train"], "epochs": epochs, "max_steps": 0, "patience": 0, "refit": False}
+        train = {**self.config["train"], "epochs": epochs, "max_steps": 0, "patience": 0, "refit": False,
+                 "score_test": False}  # fmt: skip
+        if getattr(self, "head_init_info", None):  # the refit starts from the probe with the chosen alpha
+            train["head_init_alphas"] = [self.head_init_info["alpha"]]
         config = {**self.config, "train": train}
         refit = Trainer(config, None, reader=self.reader, merge_val=True)
         refit.caches_from = self  # reuse this run's prefix caches instead of re-reading the data
@@ -541,6 +550,7 @@ class Trainer:
             "world_size": self.accelerator.num_processes,
             "prefix_cache": getattr(self, "cache_info", None),
             "refit": getattr(self, "refit_info", None),
+            "head_init": getattr(self, "head_init_info", None),
             "val": best,
             "test": test,
             "history": st.history,
