@@ -4,6 +4,7 @@ overrides and a run config's ``recipes``."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import pytest
@@ -154,3 +155,16 @@ def test_train_and_bench_use_the_recipe(tmp_path, capsys):
     per_method.write_text("wander: [model.methods.0.k=4]\n")  # not one of --methods
     assert main([*args, "--output", str(tmp_path / "bench2")]) == 2
     assert "'wander' is not in --methods" in capsys.readouterr().err
+
+
+def test_bench_run_again_keeps_the_runs_that_finished(tmp_path, capsys):
+    out = str(tmp_path / "bench")
+    args = ["bench", "--config", "toy", "--methods", "linear", "--seeds", "0", "--output", out,
+            "train.epochs=1", "train.tensorboard=false"]  # fmt: skip
+    assert main(args) == 0
+    first = json.load(open(os.path.join(out, "results.json")))
+    assert main(args) == 0
+    assert "finished earlier" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "results.json")))[0]["test"] == first[0]["test"]
+    assert main([*args, "train.lr=0.01"]) == 0  # another config: trained again
+    assert "finished earlier" not in capsys.readouterr().out

@@ -82,6 +82,10 @@ def compare_methods(
 
 def run_in_process(ctx, config: dict, run_dir: str, reader_factory, label: str, seed: int) -> dict:
     """One training run in a fresh process -> its raw numbers (``row_of``), or a failed record."""
+    earlier = finished_metrics(config, run_dir)
+    if earlier is not None:  # a bench run again after a kill keeps what finished
+        print(f"  {label:<12} finished earlier in {run_dir}, test {earlier['test'].get(earlier['primary'])}")
+        return run_record(label, seed, run_dir, earlier, math.nan)
     print(f"  {label:<12} training ...", end="\r", flush=True)
     t0 = time.perf_counter()
     proc = ctx.Process(target=train_one, args=(config, run_dir, reader_factory))
@@ -94,11 +98,36 @@ def run_in_process(ctx, config: dict, run_dir: str, reader_factory, label: str, 
         return {"seed": seed, "run_dir": run_dir, "failed": True, "exit_code": proc.exitcode}
     with open(metrics_file) as f:
         metrics = json.load(f)
+    run = run_record(label, seed, run_dir, metrics, wall)
+    print(f"  {label:<12} done in {wall:5.1f} s, test {run['metric']} {run['test']:.3f}")
+    return run
+
+
+def run_record(label: str, seed: int, run_dir: str, metrics: dict, wall: float) -> dict:
     run = {"seed": seed, "run_dir": run_dir, **row_of(label, metrics, wall)}
     run.pop("method")
     run["val_metrics"], run["test_metrics"] = metrics["val"], metrics["test"]
-    print(f"  {label:<12} done in {wall:5.1f} s, test {run['metric']} {run['test']:.3f}")
     return run
+
+
+def finished_metrics(config: dict, run_dir: str) -> dict | None:
+    """The metrics of a run that already finished in ``run_dir`` with this same config, else None."""
+    from .config import ConfigError
+    from .run_config import read_yaml, validate_run_config
+    from .train.trainer import check_same_config
+
+    metrics_file, config_file = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "config.yaml")
+    if not (os.path.isfile(metrics_file) and os.path.isfile(config_file)):
+        return None
+    try:
+        saved, wanted = read_yaml(config_file), validate_run_config(copy.deepcopy(config)).config
+        for c in (saved, wanted):  # the head size is filled in from the data when a run starts
+            c.get("model", {}).get("head", {}).pop("num_outputs", None)
+        check_same_config(saved, wanted, config_file)
+        with open(metrics_file) as f:
+            return json.load(f)
+    except (ConfigError, ValueError, OSError):
+        return None
 
 
 def row_of(method: str, metrics: dict, wall: float) -> dict:
