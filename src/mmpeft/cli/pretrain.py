@@ -6,10 +6,9 @@ import argparse
 import json
 import os
 
-from ..config import ConfigError
 from ..run_config import TrainConfig
 from .helptext import describe_fields
-from .train import add_config_arguments
+from .train import add_config_arguments, config_source
 
 
 def add_parser(sub) -> None:
@@ -48,12 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pretrain import RUN_FOLDER, pretrain
 
     saved = os.path.join(args.output, RUN_FOLDER, "config.yaml")
-    if args.config is None:
-        if not (args.resume and os.path.isfile(saved)):
-            raise ConfigError("pretrain: --config is required (unless --resume finds DIR/run/config.yaml)")
-        source = saved
-    else:
-        source = args.config
+    source = config_source(args, saved, "pretrain", "DIR/run/config.yaml")
     info = pretrain(source, args.output, args.save, overrides=args.overrides, resume=args.resume)
     summary = {k: info[k] for k in ("encoders", "best_epoch", "train_time_s", "val", "test")}
     print(json.dumps(summary, indent=2))

@@ -50,16 +50,19 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
+def config_source(args: argparse.Namespace, saved: str, command: str, shown: str) -> str:
+    """``--config``, or with ``--resume`` and no ``--config`` the run's saved config ``saved``."""
+    if args.config is not None:
+        return args.config
+    if not (args.resume and os.path.isfile(saved)):
+        raise ConfigError(f"{command}: --config is required (unless --resume finds {shown})")
+    return saved
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import Trainer
 
-    saved = os.path.join(args.output, "config.yaml")
-    if args.config is None:
-        if not (args.resume and os.path.isfile(saved)):
-            raise ConfigError("train: --config is required (unless --resume finds DIR/config.yaml)")
-        source = saved
-    else:
-        source = args.config
+    source = config_source(args, os.path.join(args.output, "config.yaml"), "train", "DIR/config.yaml")
     config = load_run_config(source, args.overrides)
     metrics = Trainer(config, args.output, resume=args.resume).fit()
     summary = {k: metrics[k] for k in ("trainable_params", "peak_memory_mb", "train_time_s", "val", "test")}

@@ -70,33 +70,27 @@ def collect(trainer, source) -> tuple[dict[str, np.ndarray], list[dict]]:
     from ..train.batches import sequential_batches
     from ..train.evaluation import device_batch, split_loader
 
-    model, bb = trainer.model, trainer.model.backbone
+    model = trainer.model
     model.eval()
     bs = trainer.cfg.eval_batch_size or trainer.cfg.batch_size
-    loader = split_loader(source, sequential_batches(len(source), bs), bb.encoders, 0, torch.Generator())
-    feats: dict[str, list[np.ndarray]] = {}
-    fused: list[np.ndarray] = []
-    batches = []
+    batches = sequential_batches(len(source), bs)
+    loader = split_loader(source, batches, model.backbone.encoders, 0, torch.Generator())
+    parts: dict[str, list[np.ndarray]] = {}
+    kept = []
     for batch in loader:
         batch = device_batch(batch, trainer.accelerator.device)
-        if batch.get("cached"):
-            states = bb.finalize(bb.run_steps(batch["inputs"], trainer.cache_step, bb.num_steps))
-        else:
-            states = bb(batch["inputs"])
-        for m, pooled in model.pooled(states).items():
-            feats.setdefault(m, []).append(pooled.float().cpu().numpy().astype(np.float64))
-        fused.append(model.features(states).float().cpu().numpy().astype(np.float64))
-        batches.append({"targets": batch["targets"], "ids": batch["ids"]})
-    feats = {m: np.concatenate(v) for m, v in feats.items()}
-    return {**feats, FEATURES: np.concatenate(fused)}, batches
+        # the model's own forward, from raw inputs or cached states, as in training and evaluation
+        out = trainer.module(batch["inputs"], cached=batch.get("cached", False), ids=batch.get("ids"))
+        for key, x in {**model.pooled(out["states"]), FEATURES: out["features"]}.items():
+            parts.setdefault(key, []).append(x.float().cpu().numpy().astype(np.float64))
+        kept.append({"targets": batch["targets"], "ids": batch["ids"]})
+    return {k: np.concatenate(v) for k, v in parts.items()}, kept
 
 
 def targets_of(task, batches: list[dict], n_out: int) -> np.ndarray:
     """Targets as the task reads them: class indices (N,), 0/1 labels (N, L) or values (N, K)."""
     cpu = torch.device("cpu")
-    if task.name == "classification":
-        return np.concatenate([task.targets(b, n_out, cpu).numpy() for b in batches])
-    if task.name == "multilabel":
+    if task.name in ("classification", "multilabel"):
         return np.concatenate([task.targets(b, n_out, cpu).numpy() for b in batches])
     if task.name == "regression":
         return np.concatenate([task.target_array(b, n_out) for b in batches])

@@ -98,11 +98,12 @@ class Trainer:
         reader=None,
         callbacks=(),
         resume=False,
-        merge_val: bool = False,
+        refit_of: Trainer | None = None,
     ):
         self.output_dir = output_dir
         self.resume = resume
-        self.merge_val = merge_val  # train on train+val, no selection split (the refit of train.refit)
+        # the refit of that run (train.refit): train on train+val with its prefix caches, no selection
+        self.refit_of = refit_of
         self.callbacks = list(callbacks)
         comps = build_components(config, reader)
         self.config, self.reader, self.task, self.model = comps.config, comps.reader, comps.task, comps.model
@@ -148,7 +149,7 @@ class Trainer:
             )
         self.val_set = self._split("val")
         self.test_set = self._split("test") if self.cfg.score_test else None
-        if self.merge_val and self.val_set is not None:
+        if self.refit_of is not None and self.val_set is not None:
             self.train_set = ConcatDataset([self.train_set, self.val_set])
             self.val_set = None
         acc = self.accelerator
@@ -178,11 +179,9 @@ class Trainer:
 
         The main process computes what the store lacks first; the others then only read it."""
         t0 = time.perf_counter()
-        parent = getattr(self, "caches_from", None)
+        parent = self.refit_of
         if parent is not None and parent.caches and parent.cache_step == self.cache_step:
             self.caches = {"train": PrefixCache.concat([parent.caches["train"], parent.caches["val"]])}
-            if "test" in parent.caches:
-                self.caches["test"] = parent.caches["test"]
             self.cache_info = {**parent.cache_info, "build_time_s": 0.0, "computed_items": 0}
             return
         acc = self.accelerator
@@ -270,8 +269,7 @@ class Trainer:
         if getattr(self, "head_init_info", None):  # the refit starts from the probe with the chosen alpha
             train["head_init_alphas"] = [self.head_init_info["alpha"]]
         config = {**self.config, "train": train}
-        refit = Trainer(config, None, reader=self.reader, merge_val=True)
-        refit.caches_from = self  # reuse this run's prefix caches instead of re-reading the data
+        refit = Trainer(config, None, reader=self.reader, refit_of=self)
         t0 = time.perf_counter()
         result = refit.fit()
         weights = adapter_state_dict(refit.model)
