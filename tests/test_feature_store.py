@@ -56,6 +56,17 @@ def test_other_weights_or_another_cut_are_computed_afresh(tmp_path):
     assert len(os.listdir(store)) == 3 * 2  # (seed 0, seed 1, earlier cut) x two encoders
 
 
+def test_a_deeper_cut_continues_from_states_stored_after_fewer_blocks(tmp_path):
+    store = str(tmp_path / "store")
+    Trainer(toy(store, "model.methods=[{name: lora, r: 2, layers: [-1]}]")).fit()  # one block earlier
+    deeper = Trainer(toy(store, "method=wander")).fit()
+    n = 192 + 64 + 64
+    assert deeper["prefix_cache"]["computed_items"] == deeper["prefix_cache"]["continued_items"] == 2 * n
+    fresh = Trainer(toy(str(tmp_path / "fresh"), "method=wander")).fit()
+    assert fresh["prefix_cache"]["continued_items"] == 0
+    assert deeper["test"] == pytest.approx(fresh["test"]) and deeper["val"] == pytest.approx(fresh["val"])
+
+
 class Items(torch.utils.data.Dataset):
     """Four examples; the 'image' input repeats (two captions per image), the 'text' one does not."""
 

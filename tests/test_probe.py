@@ -120,3 +120,31 @@ def test_head_init_probe_starts_training_from_the_probe_fit():
     assert metrics["head_init"]["val"] == probe["val"]  # at step 0 the model is the probe
     refit = Trainer(toy("method=linear", "train.head_init=probe", "train.epochs=2", "train.refit=true")).fit()
     assert refit["refit"]["epochs"] == refit["best_epoch"] + 1 and refit["head_init"]["alpha"] > 0
+
+
+def test_head_init_probe_fits_pmf_concat_head_on_the_models_own_features():
+    with pytest.raises(Exception, match="pmf: head 'concat'"):
+        Trainer(toy("method=pmf", "train.head_init=probe", "train.head_init_alphas=[1.0]"))._setup()
+    trainer = Trainer(
+        toy(
+            "method=pmf",
+            "model.methods.0.head=concat",
+            "train.head_init=probe",
+            "train.head_init_alphas=[1.0]",
+        )
+    )
+    trainer._setup()
+    val = trainer.caches.get("val", trainer.val_set)
+    assert trainer.head_init_info["val"] == trainer._evaluate(val)  # the model as initialised by the probe
+    linear = trainer.model.peft["head"].head.net[-1]
+    x, y = trainer_features(trainer)
+    logits = x @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()
+    # the fit's own training accuracy on the model's features (prompts included) is high on the toy
+    assert (logits.argmax(1) == y).mean() > 0.9
+
+
+def trainer_features(trainer) -> tuple[np.ndarray, np.ndarray]:
+    from mmpeft.methods.probe import FEATURES, collect, targets_of
+
+    feats, batches = collect(trainer, trainer.caches.get("train", trainer.train_set))
+    return feats[FEATURES], targets_of(trainer.task, batches, trainer.model.head_config.num_outputs)

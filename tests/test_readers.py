@@ -405,6 +405,7 @@ def test_manifest_csv_with_split_column(tmp_path):
     rows = [
         {"image": "img.png", "audio": "clip.wav", "feats": "feats.npy", "caption": "a cat", "label": "cat", "split": "train"},
         {"image": "img.png", "audio": "clip.wav", "feats": "feats.npy", "caption": "a dog", "label": "dog", "split": "valid"},
+        {"image": "img.png", "audio": "clip.wav", "feats": "feats.npy", "caption": "dogs", "label": "dog", "split": "train"},
     ]  # fmt: skip
     with open(tmp_path / "data.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

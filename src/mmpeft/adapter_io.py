@@ -36,20 +36,30 @@ def save_adapter(model: MultimodalModel, directory: str) -> None:
     save_safetensors(adapter_state_dict(model), os.path.join(directory, WEIGHTS_NAME))
 
 
+class AdapterError(ValueError):
+    """A saved adapter cannot be read or does not fit the model; the message names the file."""
+
+
 def load_adapter(model: MultimodalModel, directory: str) -> MultimodalModel:
     """Load saved trainable tensors into ``model``; every expected tensor must be present."""
     path = os.path.join(directory, WEIGHTS_NAME)
-    saved = load_safetensors(path)
+    if not os.path.isfile(path):
+        raise AdapterError(f"no adapter weights {path!r}")
+    try:
+        saved = load_safetensors(path)
+    except Exception as e:
+        raise AdapterError(f"cannot read adapter weights {path!r} ({type(e).__name__}): damaged") from None
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     if missing or unexpected:
-        raise ValueError(
-            f"{path}: adapter does not match the model; missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise AdapterError(
+            f"{path}: adapter does not match the model (another method or size?); "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, tensor in saved.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(
+            raise AdapterError(
                 f"{path}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(expected[name].shape)}"
             )
     model.load_state_dict(saved, strict=False)
@@ -64,7 +74,7 @@ def read_adapter_config(directory: str) -> dict:
         with open(path) as f:
             return json.load(f)["model"]
     except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path} is not an mmpeft adapter config: {e}") from e
+        raise AdapterError(f"{path} is not an mmpeft adapter config: {e}") from e
 
 
 def load_model_with_adapter(directory: str) -> MultimodalModel:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -107,10 +108,19 @@ def build_encoder(modality: str, spec: EncoderSpec) -> Encoder:
 PACKAGE_PREFIX = "package:"
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # a hub repo id: name or org/name
+
+
 def resolve_weights_path(path: str, modality: str) -> str:
     """``package:MODULE`` -> the model directory of an installed model package; other paths as given."""
     path = os.fspath(path)
     if not path.startswith(PACKAGE_PREFIX):
+        scheme = re.match(r"^[a-z][a-z-]+:", path)  # timm's hf-hub: / local-dir: names
+        if not scheme and not os.path.exists(os.path.expanduser(path)) and not HUB_ID.match(path):
+            raise FileNotFoundError(
+                f"model.encoders.{modality}.path {path!r}: no such file or folder (relative paths start "
+                f"from the current directory, {os.getcwd()}), and it is not a hub name (org/name)"
+            )
         return path
     name = path[len(PACKAGE_PREFIX) :]
     try:

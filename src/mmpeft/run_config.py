@@ -268,8 +268,54 @@ def load_run_config(source: str | dict, overrides: list[str] | tuple[str, ...] =
     if isinstance(source, dict):
         config = copy.deepcopy(source)
     else:
-        config = read_yaml(resolve_config_source(source))
+        path = resolve_config_source(source)
+        config = resolve_relative_paths(read_yaml(path), path)
     return apply_overrides_and_recipe(config, overrides)
+
+
+def path_bases(config_path: str) -> list[str]:
+    """Where a config file's relative paths may start: its own folder, then the checkout holding it
+    (the nearest folder above with a pyproject.toml; shipped configs say "relative to the repository
+    root", e.g. ``../shared/data/...`` beside the team's checkout)."""
+    folder = os.path.dirname(os.path.abspath(config_path))
+    bases = [folder]
+    up = folder
+    while os.path.dirname(up) != up:
+        up = os.path.dirname(up)
+        if os.path.isfile(os.path.join(up, "pyproject.toml")):
+            bases.append(up)
+            break
+    return bases
+
+
+def resolve_relative_paths(config: dict, config_path: str) -> dict:
+    """A relative data or weights path of a config file that does not exist from the current
+    directory, but does from the config's folder or its checkout, becomes that absolute path; so a
+    config runs from any directory. Other values (hub names, missing paths) are left as written."""
+    bases = path_bases(config_path)
+
+    def resolve(value: Any) -> Any:
+        if not isinstance(value, str) or not value or os.path.isabs(value) or ":" in value:
+            return value
+        if os.path.exists(os.path.expanduser(value)):
+            return value
+        for base in bases:
+            candidate = os.path.normpath(os.path.join(base, value))
+            if os.path.exists(candidate):
+                return candidate
+        return value
+
+    data = config.get("data")
+    if isinstance(data, dict):
+        for key in ("root", "base_dir"):
+            if key in data:
+                data[key] = resolve(data[key])
+    encoders = (config.get("model") or {}).get("encoders")
+    if isinstance(encoders, dict):
+        for spec in encoders.values():
+            if isinstance(spec, dict) and "path" in spec:
+                spec["path"] = resolve(spec["path"])
+    return config
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

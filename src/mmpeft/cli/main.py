@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..config import ConfigError
@@ -37,12 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """User-facing errors that get a one-line message instead of a traceback."""
+    from ..adapter_io import AdapterError
     from ..data.base import DataError
     from ..train.cache import CacheError
+    from ..train.checkpointing import CheckpointError
     from ..train.trainer import StopTraining, TrainingError
 
     # OSError: missing files or weights that cannot be downloaded; ImportError: a missing extra
-    return (ConfigError, DataError, CacheError, TrainingError, StopTraining, OSError, ImportError)
+    return (
+        ConfigError, DataError, CacheError, TrainingError, StopTraining, AdapterError, CheckpointError,
+        OSError, ImportError,
+    )  # fmt: skip
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted command left: checkpoints are written atomically, so the newest is whole."""
+    from ..train.checkpointing import checkpoint_folders
+
+    output = getattr(args, "output", None)
+    if args.command not in ("train", "pretrain") or not output:
+        return "nothing was saved half-written"
+    run_dir = output if args.command == "train" else os.path.join(output, "run")
+    if checkpoint_folders(os.path.join(run_dir, "checkpoints")):
+        return f"continue from the last checkpoint with: mmpeft {args.command} --output {output} --resume"
+    return "no checkpoint was written yet (train.checkpoint_every_steps saves within an epoch); start again"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print(f"mmpeft {args.command}: interrupted; {resume_hint(args)}", file=sys.stderr)
+        return 130
     except known_errors() as e:
         from ..train.trainer import StopTraining
 

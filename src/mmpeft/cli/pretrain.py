@@ -7,8 +7,9 @@ import json
 import os
 
 from ..run_config import TrainConfig
+from ..run_folder import prepare_output
 from .helptext import describe_fields
-from .train import add_config_arguments, config_source
+from .train import add_config_arguments, add_overwrite_argument, config_source
 
 
 def add_parser(sub) -> None:
@@ -40,14 +41,21 @@ def add_parser(sub) -> None:
         action="store_true",
         help="continue the run in DIR/run from its newest checkpoint (--config may then be omitted)",
     )
+    add_overwrite_argument(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pretrain import RUN_FOLDER, pretrain
+    from ..pretrain import INFO_NAME, RUN_FOLDER, pretrain
 
     saved = os.path.join(args.output, RUN_FOLDER, "config.yaml")
     source = config_source(args, saved, "pretrain", "DIR/run/config.yaml")
+    run_dir = os.path.join(args.output, RUN_FOLDER)
+    prepare_output(run_dir, resume=args.resume, overwrite=args.overwrite, command="pretrain")
+    # a finished pre-training (its saved encoders are replaced atomically at the end)
+    prepare_output(
+        args.output, resume=args.resume, overwrite=args.overwrite, command="pretrain", entries=(INFO_NAME,)
+    )
     info = pretrain(source, args.output, args.save, overrides=args.overrides, resume=args.resume)
     summary = {k: info[k] for k in ("encoders", "best_epoch", "train_time_s", "val", "test")}
     print(json.dumps(summary, indent=2))

@@ -8,6 +8,7 @@ import os
 
 from ..config import ConfigError
 from ..run_config import TrainConfig, load_run_config
+from ..run_folder import prepare_output
 from .helptext import describe_fields
 
 OVERRIDES_HELP = (
@@ -47,7 +48,16 @@ def add_parser(sub) -> None:
         action="store_true",
         help="continue the run in --output from its newest checkpoint (--config may then be omitted)",
     )
+    add_overwrite_argument(p)
     p.set_defaults(handler=run)
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run that --output already holds (without it, such an --output is refused)",
+    )
 
 
 def config_source(args: argparse.Namespace, saved: str, command: str, shown: str) -> str:
@@ -64,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     source = config_source(args, os.path.join(args.output, "config.yaml"), "train", "DIR/config.yaml")
     config = load_run_config(source, args.overrides)
+    prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, command="train")
     metrics = Trainer(config, args.output, resume=args.resume).fit()
     summary = {k: metrics[k] for k in ("trainable_params", "peak_memory_mb", "train_time_s", "val", "test")}
     print(json.dumps(summary, indent=2))

@@ -64,6 +64,12 @@ class DatasetReader:
     def split(self, name: str) -> Dataset:
         raise NotImplementedError
 
+    def check_files(self) -> None:
+        """Check every split's files quickly (present, headers readable) before training starts.
+
+        A reader whose items are files on disk overrides this, so a bad file in the test split
+        is reported before the first step rather than after the last one."""
+
 
 def collate_examples(examples: list[dict], encoders: dict) -> dict[str, Any]:
     """Examples -> {"inputs": {m: encoder batch}, "targets": list, "ids": list} via each encoder's collate."""
@@ -178,8 +184,10 @@ def read_csv(path: str, delimiter: str | None = None) -> list[tuple[int, dict]]:
 
 
 # --- images and audio --------------------------------------------------------------------------
-def open_image(path: str, where: str):
-    """Open and decode an image as RGB PIL; a missing or corrupt file is a DataError naming ``where``."""
+def open_image(path: str, where: str, decode: bool = True):
+    """Open and decode an image as RGB PIL; a missing or corrupt file is a DataError naming ``where``.
+
+    ``decode=False`` only checks it (header and, for PNG, chunk checksums; no pixels) and returns None."""
     from ..optional import require
 
     Image = require("PIL.Image", "train")
@@ -187,10 +195,28 @@ def open_image(path: str, where: str):
         raise DataError(f"{where}: image file {path!r} not found")
     try:
         with Image.open(path) as im:
+            if not decode:
+                im.verify()
+                return None
             im.load()
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: cannot decode image {path!r} ({e})") from None
+
+
+def check_image(path: str, where: str) -> None:
+    open_image(path, where, decode=False)
+
+
+def check_wav(path: str, where: str) -> None:
+    """The WAV file exists and its header reads, without reading the samples."""
+    if not os.path.isfile(path):
+        raise DataError(f"{where}: audio file {path!r} not found")
+    try:
+        with wave.open(path, "rb") as w:
+            w.getnframes()
+    except (wave.Error, EOFError, OSError) as e:
+        raise DataError(f"{where}: cannot read WAV {path!r} ({e})") from None
 
 
 def read_wav(path: str, where: str) -> tuple[np.ndarray, int]:

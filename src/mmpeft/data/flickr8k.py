@@ -23,6 +23,7 @@ from .base import (
     ExampleList,
     ReaderConfig,
     canonical_split,
+    check_image,
     open_image,
     read_csv,
     require_file,
@@ -105,6 +106,12 @@ class Flickr8kReader(DatasetReader):
     def split(self, name: str):
         split = canonical_split(name, self.splits, self.name)
         return ExampleList(len(self.pairs()[split]), partial(self.example, split), f"flickr8k[{split}]")
+
+    def check_files(self) -> None:
+        for split, pairs in self.pairs().items():
+            for image_id in dict.fromkeys(i for i, _ in pairs):
+                where = f"{self.cfg.root}: {split} image {image_id}"
+                check_image(os.path.join(self.cfg.root, "images", image_id), where)
 
     def example(self, split: str, i: int) -> dict:
         image_id, caption = self.pairs()[split][i]

@@ -25,6 +25,7 @@ from .base import (
     ExampleList,
     ReaderConfig,
     canonical_split,
+    check_image,
     open_image,
     read_jsonl,
     require_file,
@@ -152,6 +153,11 @@ class JsonlImagesReader(DatasetReader):
     def split(self, name: str):
         split = canonical_split(name, self.splits, self.name)
         return ExampleList(len(self.rows(split)), partial(self.example, split), f"jsonl_images[{split}]")
+
+    def check_files(self) -> None:
+        for split in self.splits:
+            for image, _, ident, _, line in self.rows(split):
+                check_image(image, f"{self.path_of(split)}, line {line} (id {ident})")
 
     def example(self, split: str, i: int) -> dict:
         image, text, ident, target, line = self.rows(split)[i]

@@ -25,6 +25,7 @@ from .base import (
     ExampleList,
     ReaderConfig,
     canonical_split,
+    check_image,
     open_image,
     require_file,
 )
@@ -120,6 +121,11 @@ class KarpathyReader(DatasetReader):
     def split(self, name: str):
         split = canonical_split(name, self.splits, self.name)
         return ExampleList(len(self.pairs()[split]), partial(self.example, split), f"karpathy[{split}]")
+
+    def check_files(self) -> None:
+        for split, pairs in self.pairs().items():
+            for path, _, ident in {p[0]: p for p in pairs}.values():
+                check_image(path, f"{self.path}, {split} image id {ident}")
 
     def example(self, split: str, i: int) -> dict:
         path, caption, ident = self.pairs()[split][i]

@@ -16,7 +16,9 @@ column.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -30,6 +32,8 @@ from .base import (
     ExampleList,
     ReaderConfig,
     canonical_split,
+    check_image,
+    check_wav,
     open_image,
     read_csv,
     read_jsonl,
@@ -38,6 +42,8 @@ from .base import (
     resample,
     resolve_path,
 )
+
+log = logging.getLogger("mmpeft")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 KINDS = ("auto", "image", "audio", "array", "text", "value")
@@ -102,6 +108,7 @@ class ManifestReader(DatasetReader):
             self.splits = tuple(canonical_split(s, ("train", "val", "test"), self.name) for s in cfg.files)
         self._rows: dict[str, list[tuple[str, int, dict]]] | None = None
         self._names: list[str] | None = list(cfg.label_names) if cfg.label_names is not None else None
+        self._counts: Counter | None = None
 
     @property
     def modalities(self) -> list[str]:
@@ -158,12 +165,26 @@ class ManifestReader(DatasetReader):
             return value if isinstance(value, list) else str(value).split(self.cfg.multilabel_sep)
         return [value]
 
+    def label_counts(self) -> Counter:
+        """Label -> count over the rows that define the class set: the train split where there is one."""
+        if self._counts is None:
+            rows = self.rows()
+            source = rows.get("train") or [r for v in rows.values() for r in v]
+            labels = (x for _, _, row in source for x in self.label_items(row[self.cfg.label_column]))
+            self._counts = Counter(str(x) for x in labels)
+        return self._counts
+
+    def counts_text(self) -> str:
+        counts = self.label_counts()
+        order = sorted(counts, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
+        return ", ".join(f"{x!r}: {counts[x]}" for x in order)
+
     def names(self) -> list[str] | None:
+        """Class names: declared, or inferred from the train split's labels when they are not indices."""
         if self._names is None and self.cfg.label_type != "float":
-            rows = [r for v in self.rows().values() for r in v]
-            found = {x for _, _, row in rows for x in self.label_items(row[self.cfg.label_column])}
+            found = self.label_counts()
             if found and not all(self.index_like(x) for x in found):
-                self._names = sorted(str(x) for x in found)
+                self._names = sorted(found)
         return self._names
 
     @staticmethod
@@ -186,10 +207,12 @@ class ManifestReader(DatasetReader):
         for x in self.label_items(value):
             if str(x) in index:
                 out.append(index[str(x)])
-            elif names is None and self.index_like(x):
+            elif names is None and self.index_like(x) and int(x) < self.num_classes():
                 out.append(int(x))
             else:
-                raise DataError(f"{where}: unknown label {x!r}")
+                origin = "declared in label_names" if self.cfg.label_names is not None else (
+                    f"inferred from the train split: {self.counts_text()}")  # fmt: skip
+                raise DataError(f"{where}: unknown label {x!r}; the classes are {origin}")
         if self.cfg.label_type == "class":
             return out[0]
         return [1.0 if k in out else 0.0 for k in range(self.num_classes())]
@@ -198,13 +221,22 @@ class ManifestReader(DatasetReader):
         names = self.names()
         if names is not None:
             return len(names)
-        labels = [
-            x
-            for v in self.rows().values()
-            for _, _, r in v
-            for x in self.label_items(r[self.cfg.label_column])
-        ]
-        return 1 + max(int(x) for x in labels)
+        found = {int(x) for x in self.label_counts()}
+        n = 1 + max(found)
+        if len(found) < n:  # 0/1 data with a stray 7 would silently get an 8-way head
+            unseen = sorted(set(range(n)) - found)
+            raise DataError(
+                f"manifest {self.cfg.root!r}: class indices inferred from the train split skip {unseen} "
+                f"(labels {self.counts_text()}); fix the stray label, or declare every class in "
+                "data.label_names"
+            )
+        return n
+
+    def check_labels(self) -> None:
+        """Every row's label parses and belongs to the class set (before any training)."""
+        for rows in self.rows().values():
+            for path, line, row in rows:
+                self.target(row[self.cfg.label_column], path, line)
 
     def info(self) -> dict[str, Any]:
         rows = [r for v in self.rows().values() for r in v]
@@ -219,6 +251,14 @@ class ManifestReader(DatasetReader):
             out["num_targets"] = len(first) if isinstance(first, list) else 1
         else:
             n = self.num_classes()
+            self.check_labels()
+            if self.cfg.label_names is None:
+                log.info("manifest: %d classes from the train split's labels (%s)", n, self.counts_text())
+                counts = self.label_counts()
+                rare = [x for x, c in counts.items() if c == 1 and sum(counts.values()) >= 20 * len(counts)]
+                if rare:
+                    log.warning("manifest: label(s) %s occur once in the train split; typos? (labels %s)",
+                                rare, self.counts_text())  # fmt: skip
             out["num_labels" if self.cfg.label_type == "multilabel" else "num_classes"] = n
             out["label_names"] = self.names() or [str(k) for k in range(n)]
         return out
@@ -240,6 +280,32 @@ class ManifestReader(DatasetReader):
         inputs = {m: self.load(m, row[col], path, line, col) for m, col in self.cfg.columns.items()}
         ident = str(row[self.cfg.id_column]) if self.cfg.id_column else f"{os.path.basename(path)}:{line}"
         return {"inputs": inputs, "target": self.target(row[self.cfg.label_column], path, line), "id": ident}
+
+    def check_files(self) -> None:
+        """Every cell of every split: files present with readable headers, inline values parse."""
+        for rows in self.rows().values():
+            for path, line, row in rows:
+                for m, col in self.cfg.columns.items():
+                    self.check_cell(m, row[col], path, line, col)
+
+    def check_cell(self, modality: str, value: Any, path: str, line: int, col: str) -> None:
+        where = f"{path}, line {line}, column {col!r}"
+        kind = self.kind(modality, value)
+        file = resolve_path(value, self.cfg.base_dir or os.path.dirname(os.path.abspath(path)))
+        if kind == "image":
+            check_image(file, where)
+        elif kind == "audio":
+            if not file.lower().endswith(".wav"):
+                raise DataError(f"{where}: {file!r}: only PCM .wav audio is supported; convert it first")
+            check_wav(file, where)
+        elif kind == "array":
+            try:
+                x = np.load(require_file(file, where), mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{where}: cannot read array {file!r} ({e})") from None
+            self.array_shape(modality, x.shape, where)  # values are checked when read
+        elif kind == "value":
+            self.load(modality, value, path, line, col)
 
     def load(self, modality: str, value: Any, path: str, line: int, col: str) -> Any:
         where = f"{path}, line {line}, column {col!r}"
@@ -269,16 +335,21 @@ class ManifestReader(DatasetReader):
                 raise DataError(f"{where}: {value!r} is not a number or a list of numbers") from None
         return self.check_array(modality, x, where)
 
+    def array_shape(self, modality: str, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+        """The (T,) or (T, F) shape an array of ``shape`` is read as; a wrong one is a DataError."""
+        shape = shape or (1,)
+        want = self.cfg.feature_dims.get(modality)
+        if len(shape) == 1 and want and want > 1 and shape[0] == want:
+            shape = (1, want)  # one feature vector: a sequence of one step
+        width = shape[-1] if len(shape) == 2 else 1
+        if len(shape) not in (1, 2) or (want and width != want):
+            expected = f"(T, {want})" if want else "(T,) or (T, F)"
+            raise DataError(f"{where}: {modality!r} array has shape {shape}, expected {expected}")
+        return shape
+
     def check_array(self, modality: str, x: np.ndarray, where: str) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
-        x = x.reshape(1) if x.ndim == 0 else x
-        want = self.cfg.feature_dims.get(modality)
-        if x.ndim == 1 and want and want > 1 and len(x) == want:
-            x = x[None]  # one feature vector: a sequence of one step
-        width = x.shape[-1] if x.ndim == 2 else 1
-        if x.ndim not in (1, 2) or (want and width != want):
-            expected = f"(T, {want})" if want else "(T,) or (T, F)"
-            raise DataError(f"{where}: {modality!r} array has shape {x.shape}, expected {expected}")
+        x = x.reshape(self.array_shape(modality, x.shape, where))
         if not np.isfinite(x).all():
             raise DataError(f"{where}: {modality!r} array has non-finite values")
         return x

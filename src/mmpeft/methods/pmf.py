@@ -156,6 +156,11 @@ class PMFHead(nn.Module):
             self.head = MLPHead(sum(dims.values()), num_outputs, hidden, dropout)
         self.modalities = list(dims)
 
+    @property
+    def probe_target(self) -> MLPHead | None:
+        """concat: one head on the concatenated pooled features, the model's features (train.head_init)."""
+        return self.head if self.mode == "concat" else None
+
     def forward(self, states: dict[str, EncoderState], backbone) -> Tensor:
         pooled = {m: backbone.encoders[m].pool(states[m]) for m in self.modalities}  # M x (B, d_m)
         if self.mode == "average":

@@ -155,8 +155,12 @@ class HeadProbe:
     def __init__(self, trainer, cfg: ProbeConfig):
         self.trainer, self.cfg = trainer, cfg
         head = trainer.model.peft["head"]
+        head = getattr(head, "probe_target", head)  # a wrapper whose logits are one head on the features
         if not isinstance(getattr(head, "net", [None])[-1], nn.Linear) or len(head.net) > 2:
-            raise ValueError("probe: it fits a single linear head; set model.head.hidden to 0")
+            raise ValueError(
+                "probe: it fits a single linear head on the model's features; set model.head.hidden to 0"
+                " (pmf: head 'concat')"
+            )
         self.linear = head.net[-1]
         self.solver = cfg.solver
         if self.solver == "auto":

@@ -14,6 +14,7 @@ Requirements (checked): the reader does not augment, the encoders keep no per-ba
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -88,8 +89,15 @@ def open_stores(model, step: int, root: str | None, precision: str) -> dict[str,
         if not root or m not in specs:
             stores[m] = MemoryStore()
             continue
-        fingerprint = encoder_fingerprint(enc, specs[m], blocks_before(bb, m, step), precision)
+        n = blocks_before(bb, m, step)
+        fingerprint = encoder_fingerprint(enc, specs[m], n, precision)
         stores[m] = FeatureStore(root, fingerprint)
+        # stores of the same encoder after fewer blocks, deepest first: their rows continue from
+        # there (a bench mixing post-fusion and last-blocks methods embeds each input once)
+        for k in range(n - 1, -1, -1):
+            earlier = FeatureStore(root, {**fingerprint, "blocks": k})
+            if os.path.isdir(earlier.folder):
+                stores[m].earlier.append((k, earlier))
     return stores
 
 
@@ -110,6 +118,7 @@ class PrefixCache:
         self.targets: list[Any] = []
         self.ids: list[Any] = []
         self.computed = 0  # distinct inputs computed (not found in the store) while building
+        self.continued = 0  # of which continued from a store of fewer blocks, not from the raw input
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -164,23 +173,34 @@ class PrefixCache:
         for i, h in enumerate(hashes):
             first.setdefault(h, i)
         log.info("prefix cache: computing %d %s input(s)", len(todo), m)
-        enc, n_blocks = bb.encoders[m], blocks_before(bb, m, self.step)
-        pending: dict[str, tuple[Tensor, Tensor | None]] = {}
-        layout = (0, 0)
+        n_blocks = blocks_before(bb, m, self.step)
+        writer = ShardWriter(store)
+        for k, earlier in getattr(store, "earlier", []):  # continue from states stored after k blocks
+            absent = set(earlier.missing(todo))
+            found = [h for h in todo if h not in absent]
+            if not found:
+                continue
+            log.info("prefix cache: %d %s input(s) continue from block %d", len(found), m, k)
+            for start in range(0, len(found), batch_size):
+                chunk = found[start : start + batch_size]
+                rows, (n_prefix, n_prompt) = earlier.get(chunk)
+                state = EncoderState(
+                    *_pad_rows([rows[h] for h in chunk]), n_prefix=n_prefix, n_prompt=n_prompt
+                )
+                with autocast():
+                    state = run_blocks(bb, m, to_device(state, device), k, n_blocks)
+                writer.add(m, chunk, state)
+            self.continued += len(found)
+            todo = [h for h in todo if h in absent]
+        enc = bb.encoders[m]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             batch = enc.collate([dataset[first[h]]["inputs"][m] for h in chunk])
             with autocast():
-                state = enc.embed(to_device(batch, device))
-                for i in range(n_blocks):
-                    state = bb.run_block(m, i, state)
-            layout = check_state(m, state)
-            pending.update(zip(chunk, trimmed_rows(state), strict=True))
-            if sum(t.numel() * t.element_size() for t, _ in pending.values()) > 64 * 2**20:
-                store.put(pending, layout)
-                pending = {}
-        store.put(pending, layout)
-        self.computed += len(todo)
+                state = run_blocks(bb, m, enc.embed(to_device(batch, device)), 0, n_blocks)
+            writer.add(m, chunk, state)
+        writer.flush()
+        self.computed += writer.count
 
     @classmethod
     def concat(cls, caches: list[PrefixCache]) -> PrefixCache:
@@ -218,6 +238,30 @@ class PrefixCache:
             "ids": [self.ids[i] for i in indices],
             "cached": True,
         }
+
+
+def run_blocks(bb, modality: str, state: EncoderState, start: int, stop: int) -> EncoderState:
+    for i in range(start, stop):
+        state = bb.run_block(modality, i, state)
+    return state
+
+
+class ShardWriter:
+    """Collects computed rows and files them in the store about every 64 MiB."""
+
+    def __init__(self, store):
+        self.store, self.pending, self.layout, self.count = store, {}, (0, 0), 0
+
+    def add(self, modality: str, hashes: list[str], state: EncoderState) -> None:
+        self.layout = check_state(modality, state)
+        self.pending.update(zip(hashes, trimmed_rows(state), strict=True))
+        self.count += len(hashes)
+        if sum(t.numel() * t.element_size() for t, _ in self.pending.values()) > 64 * 2**20:
+            self.flush()
+
+    def flush(self) -> None:
+        self.store.put(self.pending, self.layout)
+        self.pending = {}
 
 
 def check_state(modality: str, state: EncoderState) -> tuple[int, int]:

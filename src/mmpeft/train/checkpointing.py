@@ -86,16 +86,27 @@ def save_checkpoint(root: str, seq: int, state: dict, weights: dict, best: dict 
     return final
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder cannot be read (damaged on disk); the message names the file."""
+
+
 def load_checkpoint(path: str) -> tuple[dict, dict, dict | None]:
     """(trainer state, trainable tensors, best adapter or None) of one checkpoint folder."""
     state_file = os.path.join(path, STATE_NAME)
+    best_file = os.path.join(path, BEST_NAME)
+    reading = state_file
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read trainer state {state_file!r}: {e}") from e
-    weights = load_safetensors(os.path.join(path, WEIGHTS_NAME))
-    best_file = os.path.join(path, BEST_NAME)
-    best = load_safetensors(best_file) if os.path.isfile(best_file) else None
+        reading = os.path.join(path, WEIGHTS_NAME)
+        weights = load_safetensors(reading)
+        reading = best_file
+        best = load_safetensors(best_file) if os.path.isfile(best_file) else None
+    except Exception as e:  # torch's own message suggests weights_only=False, which must never be used
+        raise CheckpointError(
+            f"cannot read checkpoint file {reading!r} ({type(e).__name__}): damaged"
+        ) from None
+    if not isinstance(state, dict) or not {"loop", "optimizer", "scheduler", "rng"} <= set(state):
+        raise CheckpointError(f"{state_file!r} is not an mmpeft trainer state")
     return state, weights, best
 
 

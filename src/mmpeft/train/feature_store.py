@@ -113,6 +113,7 @@ class FeatureStore:
         digest = hashlib.blake2b(json.dumps(fingerprint, sort_keys=True).encode(), digest_size=12)
         self.folder = os.path.join(root, digest.hexdigest())
         self.fingerprint = fingerprint
+        self.earlier: list[tuple[int, FeatureStore]] = []  # (blocks, store): same encoder, fewer blocks
         self._where: dict[str, str] = {}  # input hash -> shard file
         self._scanned: set[str] = set()
 

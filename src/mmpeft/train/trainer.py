@@ -39,7 +39,14 @@ from ..report import parameter_counts, trainable_and_total
 from ..run_config import RUNTIME_ONLY, dump_yaml, read_yaml
 from .batches import epoch_batches
 from .cache import PrefixCache, TrainModule, cacheable_step, open_stores
-from .checkpointing import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .checkpointing import (
+    CheckpointError,
+    checkpoint_folders,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from .contribution import modality_contributions
 from .evaluation import device_batch, evaluate, split_loader
 from .feature_store import default_cache_root
@@ -124,12 +131,16 @@ class Trainer:
     def path(self, *parts: str) -> str | None:
         return None if self.output_dir is None else os.path.join(self.output_dir, *parts)
 
+    def _check_resumed_config(self) -> None:
+        path = self.path("config.yaml")
+        if path is not None and self.resume and os.path.isfile(path):
+            check_same_config(read_yaml(path), self.config, path)
+
     def _write_config(self) -> None:
+        """Written once the data and model are set up: a run that fails its checks leaves nothing."""
         path = self.path("config.yaml")
         if path is None or not self.is_main:
             return
-        if self.resume and os.path.isfile(path):
-            check_same_config(read_yaml(path), self.config, path)
         train = {**self.config["train"], "stop_after_steps": 0}  # a testing aid, not part of the run
         atomic_write_bytes(path, dump_yaml({**self.config, "train": train}).encode())
 
@@ -142,6 +153,7 @@ class Trainer:
         return dataset
 
     def _setup(self) -> None:
+        self.reader.check_files()  # a bad file in any split is named now, not after training
         self.train_set = self._split("train")
         if self.train_set is None:
             raise DataError(
@@ -182,14 +194,19 @@ class Trainer:
         parent = self.refit_of
         if parent is not None and parent.caches and parent.cache_step == self.cache_step:
             self.caches = {"train": PrefixCache.concat([parent.caches["train"], parent.caches["val"]])}
-            self.cache_info = {**parent.cache_info, "build_time_s": 0.0, "computed_items": 0}
+            self.cache_info = {
+                **parent.cache_info,
+                "build_time_s": 0.0,
+                "computed_items": 0,
+                "continued_items": 0,
+            }
             return
         acc = self.accelerator
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
         root = default_cache_root() if self.cfg.cache_dir is None else self.cfg.cache_dir
         precision = str(acc.mixed_precision) if acc.device.type != "cpu" else "no"
         stores = open_stores(self.model, self.cache_step, root, precision)
-        computed = 0
+        computed = continued = 0
         with acc.main_process_first():
             for name, dataset in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)):
                 if dataset is None:
@@ -198,12 +215,14 @@ class Trainer:
                     self.model, dataset, self.cache_step, bs, acc.device, acc.autocast, stores
                 )
                 computed += self.caches[name].computed
+                continued += self.caches[name].continued
         mb = sum(c.nbytes() for c in self.caches.values()) / 2**20
         self.cache_info = {
             "step": self.cache_step,
             "size_mb": mb,
             "build_time_s": time.perf_counter() - t0,
             "computed_items": computed,
+            "continued_items": continued,  # computed from stored states of an earlier block
             "store": root or "memory",
         }
         log.info(
@@ -220,8 +239,9 @@ class Trainer:
         """Train, select the best epoch on validation, score the test split once; returns metrics."""
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self._write_config()
+        self._check_resumed_config()
         self._setup()
+        self._write_config()
         state = TrainState()
         if self.closed_form:
             self._fit_closed_form(state)
@@ -472,11 +492,20 @@ class Trainer:
         self._emit("checkpoint", st)
 
     def _restore(self, st: TrainState) -> None:
-        path = latest_checkpoint(self.path("checkpoints")) if self.output_dir else None
-        if path is None:
+        found = checkpoint_folders(self.path("checkpoints")) if self.output_dir else []
+        if not found:
             log.warning("resume: no checkpoint under %s; starting from scratch", self.path("checkpoints"))
             return
-        state, weights, best = load_checkpoint(path)
+        for k, (_, path) in enumerate(reversed(found)):  # newest first; a damaged one falls back
+            try:
+                state, weights, best = load_checkpoint(path)
+                break
+            except CheckpointError as e:
+                if k == len(found) - 1:
+                    raise CheckpointError(
+                        f"resume: {e}; no earlier checkpoint is readable. Start again with --overwrite"
+                    ) from None
+                log.warning("resume: %s; trying the one before", e)
         if state["world_size"] != self.accelerator.num_processes:
             raise TrainingError(
                 f"{path} was written by {state['world_size']} processes; resume with the same number "
