@@ -50,3 +50,21 @@ def test_two_process_run_matches_one_process_with_the_global_batch(method, tmp_p
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
         assert a["val"]["accuracy"] == pytest.approx(b["val"]["accuracy"], abs=0.05)
     assert ddp["test"]["accuracy"] == pytest.approx(single["test"]["accuracy"], abs=0.05)
+
+
+def test_accelerate_launch_with_the_shipped_config_really_starts_two_processes(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = os.path.join(root, "examples", "accelerate", "cpu-2-processes.yaml")
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    out = str(tmp_path / "run")
+    cmd = [
+        accelerate, "launch", "--config_file", config, "--main_process_port", str(free_port()),
+        "-m", "mmpeft.cli.main", "train", "--config", "toy", "train.cpu=true", "train.epochs=1",
+        "train.tensorboard=false", "--output", out,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["world_size"] == 2
+    assert result.stderr.count("INFO epoch 0") == 1  # one log, from the main process

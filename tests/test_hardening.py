@@ -223,3 +223,28 @@ def test_relative_paths_of_a_config_file_work_from_any_directory(tmp_path, monke
     shipped = load_run_config("flickr8k-effnet-minilm")  # "../shared/..." from the repository root
     if os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "flickr8k_1k")):
         assert os.path.isdir(shipped["data"]["root"])
+
+
+def test_run_files_follow_the_umask_not_tempfiles_private_modes(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = str(tmp_path / "run")
+        assert (
+            main(["train", "--config", "toy", *FAST, "train.checkpoint_every_steps=1", "--output", out]) == 0
+        )
+    finally:
+        os.umask(old)
+    for root, dirs, files in os.walk(out):
+        for d in dirs:
+            assert os.stat(os.path.join(root, d)).st_mode & 0o777 == 0o755, d
+        for f in files:
+            assert os.stat(os.path.join(root, f)).st_mode & 0o777 == 0o644, f
+
+
+def test_only_the_main_process_logs_info(tmp_path, monkeypatch, capsys):
+    import logging
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(logging.root, "handlers", [])
+    assert main(["train", "--config", "toy", *FAST, "--output", str(tmp_path / "r")]) == 0
+    assert logging.root.level == logging.WARNING

@@ -9,6 +9,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: str) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700) the mode a plain open() or
+    makedirs() would have given it under the process's umask."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -19,6 +32,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -36,6 +50,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -16,18 +16,21 @@ import math
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 
-def train_one(config: dict, run_dir: str, reader_factory: Callable | None) -> None:
+def train_one(config: dict, run_dir: str, reader_factory: Callable | None, label: str = "") -> None:
     """Train one run config (in a child process) and write ``run_dir/metrics.json``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
     from .train import Trainer
 
-    Trainer(config, run_dir, reader=reader_factory() if reader_factory else None).fit()
+    trainer = Trainer(config, run_dir, reader=reader_factory() if reader_factory else None)
+    trainer.progress_label = label  # the progress bar (on a terminal) says which run it is
+    trainer.fit()
 
 
 def process_context(preload: list[str]):
@@ -86,9 +89,10 @@ def run_in_process(ctx, config: dict, run_dir: str, reader_factory, label: str, 
     if earlier is not None:  # a bench run again after a kill keeps what finished
         print(f"  {label:<12} finished earlier in {run_dir}, test {earlier['test'].get(earlier['primary'])}")
         return run_record(label, seed, run_dir, earlier, math.nan)
-    print(f"  {label:<12} training ...", end="\r", flush=True)
+    # on a terminal the "done" line overwrites this one; in a log file each gets its own line
+    print(f"  {label:<12} training ...", end="\r" if sys.stdout.isatty() else "\n", flush=True)
     t0 = time.perf_counter()
-    proc = ctx.Process(target=train_one, args=(config, run_dir, reader_factory))
+    proc = ctx.Process(target=train_one, args=(config, run_dir, reader_factory, label))
     proc.start()
     proc.join()
     wall = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from ..data.base import DataError
 from ..encoders.base import EncoderState
 from .batches import to_device
 from .feature_store import FeatureStore, content_hash, encoder_fingerprint
+from .progress import progress_bar
 
 log = logging.getLogger("mmpeft")
 
@@ -193,12 +194,15 @@ class PrefixCache:
             self.continued += len(found)
             todo = [h for h in todo if h in absent]
         enc = bb.encoders[m]
+        bar = progress_bar(len(todo), f"caching {m}")
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             batch = enc.collate([dataset[first[h]]["inputs"][m] for h in chunk])
             with autocast():
                 state = run_blocks(bb, m, enc.embed(to_device(batch, device)), 0, n_blocks)
             writer.add(m, chunk, state)
+            bar.update(len(chunk))
+        bar.close()
         writer.flush()
         self.computed += writer.count
 

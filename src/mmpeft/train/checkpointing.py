@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_bytes, load_safetensors, save_safetensors
+from ..checkpoint import atomic_write_bytes, load_safetensors, public_mode, save_safetensors
 
 STATE_NAME = "trainer_state.pt"
 WEIGHTS_NAME = "trainable.safetensors"
@@ -68,6 +68,7 @@ def save_checkpoint(root: str, seq: int, state: dict, weights: dict, best: dict 
     final = os.path.join(root, f"ckpt-{seq:06d}")
     tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-ckpt-")
     try:
+        public_mode(tmp)
         save_safetensors(weights, os.path.join(tmp, WEIGHTS_NAME))
         if best is not None:
             save_safetensors(best, os.path.join(tmp, BEST_NAME))

@@ -13,6 +13,7 @@ from ..data.base import DataError, collate_examples
 from ..run_config import read_yaml
 from .batches import IndexDataset, make_loader, sequential_batches, to_device
 from .cache import PrefixCache, TrainModule
+from .progress import progress_bar
 from .setup import build_components, make_accelerator
 
 
@@ -41,8 +42,10 @@ def evaluate(module: TrainModule, task, source, batch_size: int, device, autocas
     batches = sequential_batches(len(source), batch_size)
     # a private generator: evaluating never draws from the global RNG (resumed runs stay exact)
     loader = split_loader(source, batches, module.model.backbone.encoders, num_workers, torch.Generator())
+    bar = progress_bar(len(batches), "evaluating")
     try:
         for batch in loader:
+            bar.update(1)
             batch = device_batch(batch, device)
             with autocast():
                 outputs = module(batch["inputs"], cached=batch.get("cached", False), ids=batch.get("ids"))
@@ -50,6 +53,7 @@ def evaluate(module: TrainModule, task, source, batch_size: int, device, autocas
         with autocast():
             metrics = meter.compute()
     finally:
+        bar.close()
         module.train(was_training)
     return {k: float(v) for k, v in metrics.items()}
 

@@ -51,6 +51,7 @@ from .contribution import modality_contributions
 from .evaluation import device_batch, evaluate, split_loader
 from .feature_store import default_cache_root
 from .optim import build_optimizer, build_scheduler
+from .progress import progress_bar
 from .setup import build_components, make_accelerator
 
 log = logging.getLogger("mmpeft")
@@ -122,6 +123,7 @@ class Trainer:
         self.writer = None
         self.cache_step = 0
         self.caches: dict[str, PrefixCache] = {}
+        self.progress_label = ""  # prefixes the progress bar (bench: the method and seed)
 
     # --- setup --------------------------------------------------------------------------------
     @property
@@ -319,7 +321,8 @@ class Trainer:
             micro = [next(it) for _ in range(min(accum, len(batches) - st.batch))]
             self._optimizer_step(micro, st)
             bar.update(1)
-            bar.set_postfix(loss=f"{st.loss_sum / max(1, st.loss_steps):.4f}")
+            rate = st.samples / max(st.step_time, 1e-9)
+            bar.set_postfix(loss=f"{st.loss_sum / max(1, st.loss_steps):.4f}", samples_per_s=f"{rate:.0f}")
             self._after_step(st, started)
             started = time.perf_counter()
         bar.close()
@@ -451,13 +454,9 @@ class Trainer:
 
     # --- progress and logs ---------------------------------------------------------------------
     def _progress(self, st: TrainState):
-        from tqdm.auto import tqdm
-
-        show = self.cfg.progress and self.is_main and sys.stderr.isatty()
         first = st.batch // self.cfg.gradient_accumulation_steps
-        return tqdm(
-            total=self.steps_per_epoch, initial=first, desc=f"epoch {st.epoch}", disable=not show, leave=False
-        )
+        desc = f"{self.progress_label} epoch {st.epoch}".strip()
+        return progress_bar(self.steps_per_epoch, desc, self.cfg.progress and self.is_main, first)
 
     def _open_writer(self) -> None:
         if not (self.cfg.tensorboard and self.is_main and self.output_dir):
