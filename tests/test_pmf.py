@@ -136,7 +136,8 @@ def with_tokens(state: EncoderState, extra: torch.Tensor) -> EncoderState:
 
 def reference_logits(model, batch):
     """Two modalities written out as the paper's algorithm, with full frozen blocks everywhere."""
-    enc, pmf, heads = model.backbone.encoders, model.peft["pmf"], model.peft["head"].heads
+    enc, pmf = model.backbone.encoders, model.peft["pmf"]
+    heads = getattr(model.peft["head"], "heads", None)
     K, (a, b) = len(pmf.layers), list(enc)
     x = {m: enc[m].embed(batch[m]) for m in enc}
     for m in enc:  # unimodal base feature extraction
@@ -148,24 +149,35 @@ def reference_logits(model, batch):
         for src, dst in ((a, b), (b, a)):  # query stage
             pair = layer.pairs[src][dst]
             B = x[src].tokens.shape[0]
-            prompts = torch.cat([pair.qcp, pair.qp]).expand(B, -1, -1)
+            prompts = pair.qp if pair.qcp is None else torch.cat([pair.qcp, pair.qp])
+            prompts = prompts.expand(B, -1, -1)
             z = enc[src].run_block(index[src], with_tokens(x[src], prompts)).tokens
             queries[dst] = pair.mlp(z[:, -pair.qp.shape[0] :])
         new = {}
         for m in (a, b):  # fusion stage
             B, T = x[m].tokens.shape[:2]
-            extra = torch.cat([getattr(layer.fcp, m).expand(B, -1, -1), queries[m]], dim=1)
+            fcp = [getattr(layer.fcp, m).expand(B, -1, -1)] if hasattr(layer.fcp, m) else []
+            extra = torch.cat([*fcp, queries[m]], dim=1)
             y = enc[m].run_block(index[m], with_tokens(x[m], extra))
             new[m] = y.replace(tokens=y.tokens[:, :T], pad_mask=x[m].pad_mask)
         x = new
-    logits = [heads[m](enc[m].pool(enc[m].finalize(x[m]))) for m in (a, b)]
+    pooled = [enc[m].pool(enc[m].finalize(x[m])) for m in (a, b)]
+    head = model.peft["head"]
+    if head.mode == "concat":
+        return pooled[0] @ head.head.net[-1].weight[:, : pooled[0].shape[1]].T + (
+            pooled[1] @ head.head.net[-1].weight[:, pooled[0].shape[1] :].T + head.head.net[-1].bias
+        )
+    logits = [heads[m](pooled[i]) for i, m in enumerate((a, b))]
     return (logits[0] + logits[1]) / 2
 
 
-@pytest.mark.parametrize("kind", ["toy", pytest.param("hf", marks=needs_hf)])
+@pytest.mark.parametrize("kind", ["toy", "toy-no-context-concat", pytest.param("hf", marks=needs_hf)])
 def test_matches_the_algorithm_written_out(kind):
     if kind == "toy":
         model, batch = pmf_model(num_qp=3, num_qcp=2, num_fcp=2), toy_batch(BACKBONES["pair"])
+    elif kind == "toy-no-context-concat":  # no query-context or fusion-context prompts, one head
+        model = pmf_model(num_qp=3, num_qcp=0, num_fcp=0, head="concat")
+        batch = toy_batch(BACKBONES["pair"])
     else:
         model, batch = pmf_model(encoders=TINY_HF, num_qp=3, num_qcp=2, num_fcp=2), tiny_hf_batch()
     model.eval()
@@ -219,3 +231,39 @@ def test_preset_validates():
         4,
     )
     assert run.config["model"]["head"]["num_outputs"] == 101
+
+
+def test_prompts_start_normal_with_the_configured_std_and_absent_ones_are_absent():
+    from mmpeft.methods.pmf import FusionLayer
+
+    torch.manual_seed(0)
+    layer = FusionLayer({"a": 256, "b": 128}, 8, num_qp=64, num_qcp=64, num_fcp=64, std=0.05, train_fcp=True)
+    for t in (layer.pairs["a"]["b"].qp, layer.pairs["b"]["a"].qcp, layer.fcp.a, layer.fcp.b):
+        assert t.std().item() == pytest.approx(0.05, rel=0.1) and abs(t.mean().item()) < 0.01
+    bare = FusionLayer({"a": 4, "b": 4}, 8, num_qp=2, num_qcp=0, num_fcp=0, std=0.05, train_fcp=True)
+    assert bare.pairs["a"]["b"].qcp is None and not hasattr(bare.fcp, "a")
+
+
+def test_head_options_reach_the_pmf_heads():
+    from mmpeft.methods.pmf import PMFHead
+
+    default = PMFHead({"a": 4}, 3, "average")
+    assert len(default.heads["a"].net) == 2 and default.heads["a"].net[0].p == 0.0  # dropout, linear
+    for mode in ("average", "concat"):
+        torch.manual_seed(0)
+        cfg = model_config("pair", [{"name": "pmf", "head": mode}])
+        cfg["head"] = {"num_outputs": 3, "hidden": 8, "dropout": 0.1}
+        head = build_model(cfg).peft["head"]
+        nets = [h.net for h in head.heads.values()] if mode == "average" else [head.head.net]
+        assert all(len(n) == 4 and n[0].p == 0.1 and n[1].out_features == 8 for n in nets)
+    assert isinstance(pmf_model(num_outputs=1).peft["head"], PMFHead)  # a single regression output
+    assert "head" not in pmf_model(num_outputs=0).peft  # features only
+
+
+@pytest.mark.parametrize("bad", [{"num_fusion_layers": 0}, {"num_qp": 0}, {"num_qcp": -1}, {"num_fcp": -1}])
+def test_prompt_counts_are_checked(bad):
+    with pytest.raises(
+        ValueError, match="pmf: num_fusion_layers and num_qp must be >= 1, num_qcp and num_fcp >= 0"
+    ):
+        pmf_model(**bad)
+    pmf_model(num_fusion_layers=1, num_qp=1, num_qcp=0, num_fcp=0)

@@ -166,7 +166,7 @@ class MultiWayAdapter(Method):
         if len(set(layers)) != len(layers):
             raise ValueError(f"mwa: enhancer_layers {entries} name one block of {modality!r} twice")
         bridges = nn.ModuleDict()
-        for j, i in zip(entries, layers, strict=True):
+        for j, i in zip(entries, layers, strict=True):  # pragma: no mutate (equal lengths by construction)
             bridge = None
             if enc.dim != width:
                 bridge = bridges[str(j)] = WidthBridge(enc.dim, width)

@@ -75,7 +75,9 @@ class PairPrompts(nn.Module):
         """[X_a; QCP; QP] (B, T_a + M_qc + M_q, d_a)."""
         B = state.tokens.shape[0]
         prompts = self.qp if self.qcp is None else torch.cat([self.qcp, self.qp])
-        prompts = prompts.to(state.tokens.dtype)  # (M_qc + M_q, d_a)
+        prompts = prompts.to(
+            state.tokens.dtype
+        )  # pragma: no mutate (a half-precision cast)  (M_qc + M_q, d_a)
         return append_tokens(state, prompts.unsqueeze(0).expand(B, -1, -1))
 
 
@@ -116,7 +118,9 @@ class FusionLayer(nn.Module):
             B = s.tokens.shape[0]
             parts = list(mapped[b])  # (M-1) x (B, M_q, d_b)
             if hasattr(self.fcp, b):
-                parts.insert(0, getattr(self.fcp, b).to(s.tokens.dtype).expand(B, -1, -1))  # (B, M_fc, d_b)
+                # the appended tokens carry no positions, so their order cannot change the outputs
+                fcp = getattr(self.fcp, b).to(s.tokens.dtype)  # pragma: no mutate (a half-precision cast)
+                parts.insert(0, fcp.expand(B, -1, -1))  # pragma: no mutate  (B, M_fc, d_b)
             extra = torch.cat(parts, dim=1)  # (B, M_fc + (M-1) M_q, d_b)
             y = backbone.run_block(b, backbone.layer_at(b, step), append_tokens(s, extra))
             out[b] = drop_last(y, extra.shape[1])  # (B, T_b, d_b)
@@ -165,7 +169,7 @@ class PMFHead(nn.Module):
         pooled = {m: backbone.encoders[m].pool(states[m]) for m in self.modalities}  # M x (B, d_m)
         if self.mode == "average":
             return torch.stack([self.heads[m](x) for m, x in pooled.items()]).mean(0)  # (B, C)
-        return self.head(torch.cat(list(pooled.values()), dim=-1))  # (B, C)
+        return self.head(torch.cat(list(pooled.values()), dim=-1))  # pragma: no mutate ((B, d) parts)  (B, C)
 
 
 @register_method("pmf")

@@ -1,0 +1,84 @@
+"""UniAdapter's module written out from its raw weights (branch and cross-modal outputs), its
+initialisation and defaults, the branch names and the keys of shared modules. (Pins the formulas
+for `make mutation`; insertion points are pinned in test_uniadapter.py.)"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cases import EQUAL, TOY
+from mmpeft import build_model
+from mmpeft.methods.uniadapter import UniAdapterModule, default_branch
+
+
+def randomise(module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+
+
+def layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def test_branch_and_cross_modal_outputs_equal_their_formulas():
+    m = UniAdapterModule(6, 3, ["vision", "text"], cross_branch="text", scale=0.7).double()
+    randomise(m)
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    h = F.relu(layer_norm(x, m.ln) @ m.down.weight.T + m.down.bias)  # the shared bottleneck
+    for branch in ("vision", "text"):
+        up = m.up[f"{branch}_branch"]
+        torch.testing.assert_close(m(x, branch), 0.7 * (h @ up.weight.T + up.bias))
+    both = (
+        h @ m.cross_up.weight.T
+        + m.cross_up.bias
+        + h @ m.up["text_branch"].weight.T
+        + m.up["text_branch"].bias
+    )
+    torch.testing.assert_close(m.cross(x), 0.7 * layer_norm(both, m.cross_ln))
+
+
+def test_defaults_and_initialisation():
+    torch.manual_seed(0)
+    m = UniAdapterModule(256, 512, ["vision", "text"], cross_branch="text")
+    assert m.scale == 0.1 and m.dropout.p == 0.0  # the released s and dropout
+    bound = 1 / math.sqrt(256)  # kaiming_uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert m.down.weight.abs().max() <= bound
+    assert m.down.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert not m.down.bias.any()
+    for lin in (*m.up.values(), m.cross_up):  # "zero": identity at step 0
+        assert not lin.weight.any() and not lin.bias.any()
+    official = UniAdapterModule(256, 512, ["vision", "text"], cross_branch="text", init="official")
+    assert not official.up["text_branch"].weight.any()
+    for lin in (official.up["vision_branch"], official.cross_up):
+        assert lin.weight.std().item() == pytest.approx(0.02, rel=0.05) and not lin.bias.any()
+    with pytest.raises(ValueError, match="uniadapter: unknown init 'kaiming'; use 'zero' or 'official'"):
+        UniAdapterModule(8, 4, ["vision"], init="kaiming")
+    with pytest.raises(ValueError, match="cross-modal branch needs the 'text' up-projection"):
+        UniAdapterModule(8, 4, ["vision"], cross_branch="text")
+
+
+def test_default_branch_by_name_then_by_norm_placement():
+    assert default_branch("Image", pre_norm=False) == "vision"
+    assert default_branch("CAPTION", pre_norm=True) == "text"
+    assert default_branch("sensor", pre_norm=True) == "vision"  # pre-LN towers: the ViT-like branch
+    assert default_branch("sensor", pre_norm=False) == "text"  # post-LN towers: the BERT-like branch
+
+
+def test_one_shared_group_per_step_keeps_plain_step_keys():
+    # text and image share a width (32), audio (24) is alone: one shared module per step
+    encoders = {**EQUAL, "audio": TOY["audio"]}
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # audio's width differs: the expected fallback warning
+        model = build_model({"encoders": encoders, "methods": [{"name": "uniadapter", "r": 4}], "head": {}})
+    shared = model.peft["uniadapter"]["shared"]
+    assert sorted(shared) == sorted({"2", "3"})  # text's 2 and image's last 2 blocks, aligned from the end
+    assert sorted(model.peft["uniadapter"]["audio"]) == ["0", "1", "2", "3"]
