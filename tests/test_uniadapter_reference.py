@@ -82,3 +82,71 @@ def test_one_shared_group_per_step_keeps_plain_step_keys():
     shared = model.peft["uniadapter"]["shared"]
     assert sorted(shared) == sorted({"2", "3"})  # text's 2 and image's last 2 blocks, aligned from the end
     assert sorted(model.peft["uniadapter"]["audio"]) == ["0", "1", "2", "3"]
+
+
+def uniadapter(encoders: dict, **options):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unequal-width fallback warning
+        config = {"encoders": encoders, "methods": [{"name": "uniadapter", "r": 4, **options}], "head": {}}
+        return build_model(config)
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"r": 0}, "r must be a positive integer, got 0"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"itc_temperature": 0.0}, "itc_temperature must be positive, got 0.0"),
+        ({"branches": {"text": ""}}, "branch of modality 'text' must be a name like 'vision', got ''"),
+        ({"branches": {"text": "a.b"}}, "got 'a.b'"),
+        ({"branches": {"text": 3}}, "got 3"),
+    ],
+)
+def test_config_values_are_checked(bad, message):
+    with pytest.raises(ValueError, match=message):
+        uniadapter(EQUAL, **bad)
+
+
+def test_config_boundaries_are_allowed():
+    uniadapter(EQUAL, r=1, dropout=0.5, itc_temperature=1e-3)
+
+
+def test_branches_by_option_else_by_name_else_by_norm():
+    model = uniadapter(EQUAL, branches={"text": "vision"})
+    assert sorted(model.peft["uniadapter"]["shared"]["2"].up) == ["vision_branch"]  # one branch for both
+    sensor = uniadapter({"sensor": EQUAL["text"], "image": EQUAL["image"]})  # toy towers are pre-LN
+    assert sorted(sensor.peft["uniadapter"]["shared"]["2"].up) == ["vision_branch"]
+
+
+def test_share_false_and_per_width_groups():
+    unshared = uniadapter(EQUAL, share=False)
+    assert "shared" not in unshared.peft["uniadapter"]
+    assert sorted(unshared.peft["uniadapter"]["text"]) == ["0", "1"]
+    assert sorted(unshared.peft["uniadapter"]["image"]) == ["0", "1", "2"]
+    # two width groups meeting at one step: one shared module per group, keyed by step and width
+    wide = {"type": "toy", "config": {"input_dim": 5, "dim": 24, "depth": 2, "heads": 2}}
+    two = uniadapter({**EQUAL, "audio": wide, "depth": wide})
+    assert sorted(two.peft["uniadapter"]["shared"]) == ["1_24", "1_32", "2_24", "2_32"]
+
+
+def test_per_modality_modules_are_registered_and_take_the_init_option():
+    model = uniadapter({"text": TOY["text"], "image": TOY["image"]}, init="official")  # unequal widths
+    text = model.peft["uniadapter"]["text"]
+    assert all(isinstance(text[k], UniAdapterModule) for k in ("0", "1"))
+    assert text["0"].up["text_branch"].weight.abs().sum() == 0  # official: the text branch starts at 0
+    image = model.peft["uniadapter"]["image"]["0"]
+    assert image.up["vision_branch"].weight.abs().sum() > 0  # ... the vision branch does not
+    n = sum(p.numel() for p in model.peft["uniadapter"].parameters())
+    assert n == sum(sum(p.numel() for p in m.parameters()) for m in model.peft["uniadapter"].modules()
+                    if isinstance(m, UniAdapterModule))  # fmt: skip
+
+
+def test_the_width_fallback_warning_names_each_modality_and_width():
+    torch.manual_seed(0)
+    config = {
+        "encoders": {"text": TOY["text"], "image": TOY["image"]},
+        "methods": [{"name": "uniadapter", "r": 4}],
+    }
+    with pytest.warns(UserWarning, match=r"meet: image \(48\), text \(32\)$"):
+        build_model({**config, "head": {}})

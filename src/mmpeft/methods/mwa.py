@@ -88,8 +88,8 @@ class WidthBridge(nn.Module):
 
     def __init__(self, dim: int, width: int):
         super().__init__()
-        self.into = nn.Linear(dim, width, bias=False)
-        self.out = nn.Linear(width, dim, bias=False)
+        self.into = nn.Linear(dim, width, bias=False)  # pragma: no mutate (bias=None is also no bias)
+        self.out = nn.Linear(width, dim, bias=False)  # pragma: no mutate
         nn.init.orthogonal_(self.into.weight)  # norm-preserving embedding (or projection)
         with torch.no_grad():
             self.out.weight.copy_(self.into.weight.t())  # its transpose maps back
@@ -179,7 +179,7 @@ class MultiWayAdapter(Method):
         """The FFN width of an encoder of the shared width (4 * width if none has it)."""
         for m in mods:
             enc = model.backbone.encoders[m]
-            fc1 = enc.linears(enc.num_layers - 1).get("fc1")
+            fc1 = enc.linears(enc.num_layers - 1).get("fc1")  # pragma: no mutate (every block has one width)
             if enc.dim == width and fc1 is not None:
                 return fc1.out_features
         return 4 * width

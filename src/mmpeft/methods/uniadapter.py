@@ -100,7 +100,7 @@ class UniAdapterModule(nn.Module):
         nn.init.zeros_(self.down.bias)
         ups = dict(self.up.items())
         if self.cross_branch is not None:
-            ups["cross"] = self.cross_up
+            ups["cross"] = self.cross_up  # pragma: no mutate (the key is only told apart from text's)
         for key, lin in ups.items():
             nn.init.zeros_(lin.bias)
             if init == "official" and key != branch_key("text"):
@@ -149,7 +149,7 @@ def insert_post_ln(
 
     def capture_query(_, y: Tensor) -> Tensor:  # self-attention output: the query before cross-attention
         stash["a"] = y
-        stash.pop("c", None)
+        stash.pop("c", None)  # pragma: no mutate (defensive: add() already pops it every forward)
         return y
 
     def capture_cross(_, y: Tensor) -> Tensor:  # cross-attention output (fires only in ITM mode)
@@ -169,7 +169,8 @@ def insert_post_ln(
         backbone.hook(modality, layer, "ln_attn", capture_query)
         backbone.hook(modality, layer, "ln_cross", capture_cross)
     else:
-        backbone.hook(modality, layer, "fc1", capture_ffn_input, on="input")
+        # (any value but "output" selects the input hook: mutants of the literal are equivalent)
+        backbone.hook(modality, layer, "fc1", capture_ffn_input, on="input")  # pragma: no mutate
     backbone.hook(modality, layer, "ln_ffn", add)
 
 
@@ -224,7 +225,7 @@ class UniAdapter(Method):
             warnings.warn(
                 f"uniadapter: encoders of different width cannot share LN_a and the down-projection; "
                 f"per-modality down-projections are used where they meet: {widths}",
-                stacklevel=2,
+                stacklevel=2,  # pragma: no mutate (where the warning points)
             )
         if len(shared):
             container["shared"] = shared
