@@ -150,3 +150,9 @@ def test_the_width_fallback_warning_names_each_modality_and_width():
     }
     with pytest.warns(UserWarning, match=r"meet: image \(48\), text \(32\)$"):
         build_model({**config, "head": {}})
+
+
+def test_no_cross_modal_branch_on_towers_without_cross_attention():
+    for module in uniadapter(EQUAL).peft["uniadapter"].modules():
+        if isinstance(module, UniAdapterModule):
+            assert module.cross_branch is None and not hasattr(module, "cross_up")
