@@ -21,6 +21,9 @@ TESTS=(
     tests/test_pmf.py
     tests/test_wander.py
     tests/test_mwa.py
+    tests/test_wander_reference.py
+    tests/test_uniadapter_reference.py
+    tests/test_mwa_reference.py
 )
 
 start=$(date +%s)
