@@ -168,3 +168,19 @@ def test_bench_run_again_keeps_the_runs_that_finished(tmp_path, capsys):
     assert json.load(open(os.path.join(out, "results.json")))[0]["test"] == first[0]["test"]
     assert main([*args, "train.lr=0.01"]) == 0  # another config: trained again
     assert "finished earlier" not in capsys.readouterr().out
+
+
+def test_two_bench_calls_into_one_folder_give_one_table(tmp_path, capsys):
+    out = str(tmp_path / "bench")
+    common = ["bench", "--config", "toy", "--seeds", "0", "--output", out, *FAST]
+    assert main([*common, "--methods", "linear"]) == 0
+    assert main([*common, "--methods", "late_fusion"]) == 0
+    rows = json.load(open(os.path.join(out, "results.json")))
+    assert [r["method"] for r in rows] == ["linear", "late_fusion"]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| linear |" in table and "| late_fusion |" in table
+    assert main([*common, "--methods", "linear", "train.lr=0.01"]) == 0  # rerun: its row is replaced
+    assert [r["method"] for r in json.load(open(os.path.join(out, "results.json")))] == [
+        "late_fusion",
+        "linear",
+    ]

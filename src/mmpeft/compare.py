@@ -72,6 +72,7 @@ def compare_methods(
                 seed = (config.get("train") or {}).get("seed", 0)
             runs.append(run_in_process(ctx, run_config, run_dir, reader_factory, label, seed))
         rows.append(summarize(method, runs))
+    rows = with_earlier_rows(rows, os.path.join(output, "results.json"))
     table = format_table(rows, chance, seeds=seeds is not None)
     print("\n" + table)
     with open(os.path.join(output, "results.md"), "w") as f:
@@ -81,6 +82,21 @@ def compare_methods(
     plot(rows, os.path.join(output, "results.png"), title, chance)
     print(f"\nplot: {os.path.join(output, 'results.png')}")
     return rows
+
+
+def with_earlier_rows(rows: list[dict], results_file: str) -> list[dict]:
+    """This call's rows, after the rows of methods that an earlier bench into the same folder ran
+    and this one did not (two bench calls into one folder give one table)."""
+    if not os.path.isfile(results_file):
+        return rows
+    try:
+        with open(results_file) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return rows
+    ran = {r["method"] for r in rows}
+    kept = [r for r in earlier if isinstance(r, dict) and r.get("method") not in ran]
+    return kept + rows
 
 
 def run_in_process(ctx, config: dict, run_dir: str, reader_factory, label: str, seed: int) -> dict:
