@@ -10,6 +10,7 @@ import torch
 
 from ..adapter_io import load_adapter
 from ..data.base import DataError, collate_examples
+from ..data.perturb import NoisyDataset
 from ..run_config import read_yaml
 from .batches import IndexDataset, make_loader, sequential_batches, to_device
 from .cache import PrefixCache, TrainModule
@@ -58,8 +59,11 @@ def evaluate(module: TrainModule, task, source, batch_size: int, device, autocas
     return {k: float(v) for k, v in metrics.items()}
 
 
-def evaluate_run(run_dir: str, split: str = "test") -> dict[str, float]:
-    """Rebuild a finished run from ``run_dir/config.yaml`` + ``run_dir/adapter`` and score ``split``."""
+def evaluate_run(
+    run_dir: str, split: str = "test", noise: dict[str, float] | None = None, seed: int = 0
+) -> dict[str, float]:
+    """Rebuild a finished run from ``run_dir/config.yaml`` + ``run_dir/adapter`` and score ``split``;
+    ``noise`` ({modality: level}) adds Gaussian noise to those raw inputs (``data.perturb``)."""
     config_file = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{run_dir!r} has no config.yaml; is it the --output of `mmpeft train`?")
@@ -73,5 +77,13 @@ def evaluate_run(run_dir: str, split: str = "test") -> dict[str, float]:
             f"dataset {comps.reader.name!r} has no split {split!r}; it has {list(comps.reader.splits)}"
         )
     dataset = comps.reader.split(split)
+    if noise:
+        unknown = sorted(set(noise) - set(comps.model.backbone.modalities))
+        if unknown:
+            raise DataError(
+                f"--noise names {unknown}, which the model of {run_dir!r} does not have; it has "
+                f"{comps.model.backbone.modalities}"
+            )
+        dataset = NoisyDataset(dataset, noise, seed)
     batch_size = train_cfg.eval_batch_size or train_cfg.batch_size
     return evaluate(module, comps.task, dataset, batch_size, accelerator.device, accelerator.autocast)
