@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .encoders.base import Encoder, EncoderState
 
@@ -41,6 +42,8 @@ class LockstepBackbone(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.num_steps = max(e.num_layers for e in encoders.values())
         self.enabled = True  # False runs the plain frozen encoders (methods' modules are skipped)
+        # recompute each trainable step in backward instead of keeping its activations
+        self.gradient_checkpointing = False
         self._before: dict[tuple[str, int], list[BlockFn]] = defaultdict(list)
         self._after: dict[tuple[str, int], list[BlockFn]] = defaultdict(list)
         self._layer: dict[int, list[LayerFn]] = defaultdict(list)
@@ -223,7 +226,11 @@ class LockstepBackbone(nn.Module):
         grad = torch.is_grad_enabled()
         for step in range(start, stop):
             with torch.set_grad_enabled(grad and step >= first):
-                states = self.run_step(step, states)
+                if self.gradient_checkpointing and grad and step >= first and self.training:
+                    # non-reentrant: any nesting of states, the RNG replayed for dropout
+                    states = checkpoint(self.run_step, step, states, use_reentrant=False)
+                else:
+                    states = self.run_step(step, states)
         return states
 
     def finalize(self, states: States) -> States:

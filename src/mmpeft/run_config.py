@@ -54,7 +54,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision on GPU (always "no" on CPU)."""
+    """Autocast precision: fp16 or bf16 on GPU, bf16 on CPU too (fp16 is ignored on the CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute each trainable block step in backward instead of storing its activations (less
+    memory for methods in many layers, about one more forward of the trainable region in time)."""
     cpu: bool = False
     """Train on the CPU even when a GPU is available."""
     patience: int = 0

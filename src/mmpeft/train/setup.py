@@ -72,13 +72,25 @@ def use_cpu(train_cfg) -> bool:
     return train_cfg.cpu or not torch.cuda.is_available()
 
 
+def release_other_precision(precision: str) -> None:
+    """Accelerate keeps one process-wide state and refuses a second Accelerator with another mixed
+    precision; in a single process (runs, refits and trials one after another) forget the old one."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision and state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()
+
+
 def make_accelerator(train_cfg, find_unused_parameters: bool = False):
     """An ``accelerate.Accelerator``: mixed precision from the config ("no" on CPU)."""
     accelerate = require("accelerate", "train")
     cpu = use_cpu(train_cfg)
-    precision = "no" if cpu else train_cfg.mixed_precision
-    if cpu and train_cfg.mixed_precision != "no":
-        log.warning("train.mixed_precision=%s is ignored on the CPU", train_cfg.mixed_precision)
+    precision = train_cfg.mixed_precision
+    if cpu and precision == "fp16":  # CPU autocast is bf16 only
+        log.warning("train.mixed_precision=fp16 is ignored on the CPU (bf16 works there)")
+        precision = "no"
+    release_other_precision(precision)
     handlers = []
     if find_unused_parameters:  # a method may leave parameters without gradient in a step
         handlers.append(accelerate.DistributedDataParallelKwargs(find_unused_parameters=True))

@@ -116,6 +116,7 @@ class Trainer:
         comps = build_components(config, reader)
         self.config, self.reader, self.task, self.model = comps.config, comps.reader, comps.task, comps.model
         self.cfg = comps.validated.train
+        self.model.backbone.gradient_checkpointing = self.cfg.gradient_checkpointing
         may_skip = any(m.may_skip_params for m in self.model.methods.values())
         self.accelerator = make_accelerator(self.cfg, find_unused_parameters=may_skip)
         self.generator = torch.Generator()
@@ -206,7 +207,7 @@ class Trainer:
         acc = self.accelerator
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
         root = default_cache_root() if self.cfg.cache_dir is None else self.cfg.cache_dir
-        precision = str(acc.mixed_precision) if acc.device.type != "cpu" else "no"
+        precision = str(acc.mixed_precision)  # states computed under bf16 autocast differ
         stores = open_stores(self.model, self.cache_step, root, precision)
         computed = continued = 0
         with acc.main_process_first():
