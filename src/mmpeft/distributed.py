@@ -8,8 +8,16 @@ initialised process group, or with one process, it returns its input.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch, or not launched distributed; read from the environment that torchrun and
+    ``accelerate launch`` set (``RANK``), so it holds before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def world() -> tuple[int, int]:

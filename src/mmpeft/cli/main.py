@@ -18,6 +18,7 @@ import os
 import sys
 
 from ..config import ConfigError
+from ..distributed import is_main_process
 from . import bench, demo, evaluate, listing, pretrain, train, tune
 
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate: one log, from the main process
+    if not is_main_process():  # torchrun / accelerate: one log, from the main process
         level = max(level, logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

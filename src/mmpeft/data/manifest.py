@@ -255,7 +255,8 @@ class ManifestReader(DatasetReader):
             if self.cfg.label_names is None:
                 log.info("manifest: %d classes from the train split's labels (%s)", n, self.counts_text())
                 counts = self.label_counts()
-                rare = [x for x, c in counts.items() if c == 1 and sum(counts.values()) >= 20 * len(counts)]
+                plenty = sum(counts.values()) >= 20 * len(counts)  # a single example stands out
+                rare = [x for x, c in counts.items() if c == 1] if plenty else []
                 if rare:
                     log.warning("manifest: label(s) %s occur once in the train split; typos? (labels %s)",
                                 rare, self.counts_text())  # fmt: skip

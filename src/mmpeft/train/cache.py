@@ -68,6 +68,7 @@ class MemoryStore:
     def __init__(self):
         self.rows: dict[str, tuple[Tensor, Tensor | None]] = {}
         self.layout = (0, 0)
+        self.earlier: list = []  # nothing to continue from: it holds one run's rows only
 
     def missing(self, hashes: list[str]) -> list[str]:
         return [h for h in dict.fromkeys(hashes) if h not in self.rows]
@@ -176,7 +177,23 @@ class PrefixCache:
         log.info("prefix cache: computing %d %s input(s)", len(todo), m)
         n_blocks = blocks_before(bb, m, self.step)
         writer = ShardWriter(store)
-        for k, earlier in getattr(store, "earlier", []):  # continue from states stored after k blocks
+        todo = self._continue_from_earlier(bb, m, todo, store, n_blocks, writer, batch_size, device, autocast)
+        enc = bb.encoders[m]
+        bar = progress_bar(len(todo), f"caching {m}")
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            batch = enc.collate([dataset[first[h]]["inputs"][m] for h in chunk])
+            with autocast():
+                state = run_blocks(bb, m, enc.embed(to_device(batch, device)), 0, n_blocks)
+            writer.add(m, chunk, state)
+            bar.update(len(chunk))
+        bar.close()
+        writer.flush()
+        self.computed += writer.count
+
+    def _continue_from_earlier(self, bb, m, todo, store, n_blocks, writer, batch_size, device, autocast):
+        """Run the last blocks on states the store's shallower twins hold; returns what is left."""
+        for k, earlier in store.earlier:  # deepest first
             absent = set(earlier.missing(todo))
             found = [h for h in todo if h not in absent]
             if not found:
@@ -193,18 +210,7 @@ class PrefixCache:
                 writer.add(m, chunk, state)
             self.continued += len(found)
             todo = [h for h in todo if h in absent]
-        enc = bb.encoders[m]
-        bar = progress_bar(len(todo), f"caching {m}")
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            batch = enc.collate([dataset[first[h]]["inputs"][m] for h in chunk])
-            with autocast():
-                state = run_blocks(bb, m, enc.embed(to_device(batch, device)), 0, n_blocks)
-            writer.add(m, chunk, state)
-            bar.update(len(chunk))
-        bar.close()
-        writer.flush()
-        self.computed += writer.count
+        return todo
 
     @classmethod
     def concat(cls, caches: list[PrefixCache]) -> PrefixCache:
@@ -254,18 +260,20 @@ class ShardWriter:
     """Collects computed rows and files them in the store about every 64 MiB."""
 
     def __init__(self, store):
-        self.store, self.pending, self.layout, self.count = store, {}, (0, 0), 0
+        self.store, self.pending, self.layout, self.count, self.bytes = store, {}, (0, 0), 0, 0
 
     def add(self, modality: str, hashes: list[str], state: EncoderState) -> None:
         self.layout = check_state(modality, state)
-        self.pending.update(zip(hashes, trimmed_rows(state), strict=True))
+        rows = trimmed_rows(state)
+        self.pending.update(zip(hashes, rows, strict=True))
         self.count += len(hashes)
-        if sum(t.numel() * t.element_size() for t, _ in self.pending.values()) > 64 * 2**20:
+        self.bytes += sum(t.numel() * t.element_size() for t, _ in rows)
+        if self.bytes > 64 * 2**20:
             self.flush()
 
     def flush(self) -> None:
         self.store.put(self.pending, self.layout)
-        self.pending = {}
+        self.pending, self.bytes = {}, 0
 
 
 def check_state(modality: str, state: EncoderState) -> tuple[int, int]:

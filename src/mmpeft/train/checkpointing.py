@@ -15,6 +15,7 @@ complete checkpoint or none; the newest complete one is found by its sequence nu
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import re
@@ -27,6 +28,8 @@ import torch
 from ..checkpoint import atomic_write_bytes, load_safetensors, public_mode, save_safetensors
 
 STATE_NAME = "trainer_state.pt"
+log = logging.getLogger("mmpeft")
+
 WEIGHTS_NAME = "trainable.safetensors"
 BEST_NAME = "best.safetensors"
 _PATTERN = re.compile(r"^ckpt-(\d+)$")
@@ -144,3 +147,20 @@ def restore_rng(state: dict, generator: torch.Generator | None = None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
+
+
+def load_newest_readable(root: str) -> tuple[str, dict, dict, dict | None] | None:
+    """(path, state, weights, best) of the newest checkpoint under ``root`` that reads; a damaged one
+    falls back to the one before (with a warning). None when there is none; CheckpointError when
+    every one is damaged."""
+    found = checkpoint_folders(root)
+    for k, (_, path) in enumerate(reversed(found)):
+        try:
+            return (path, *load_checkpoint(path))
+        except CheckpointError as e:
+            if k == len(found) - 1:
+                raise CheckpointError(
+                    f"resume: {e}; no earlier checkpoint is readable. Start again with --overwrite"
+                ) from None
+            log.warning("resume: %s; trying the one before", e)
+    return None

@@ -3,13 +3,9 @@ process only (under torchrun every rank would draw its own), and silent in logs 
 
 from __future__ import annotations
 
-import os
 import sys
 
-
-def is_main_process() -> bool:
-    """Rank 0, or not distributed (torchrun and ``accelerate launch`` set ``RANK``)."""
-    return int(os.environ.get("RANK", "0")) == 0
+from ..distributed import is_main_process
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0):

@@ -39,14 +39,7 @@ from ..report import parameter_counts, trainable_and_total
 from ..run_config import RUNTIME_ONLY, dump_yaml, read_yaml
 from .batches import epoch_batches
 from .cache import PrefixCache, TrainModule, cacheable_step, open_stores
-from .checkpointing import (
-    CheckpointError,
-    checkpoint_folders,
-    load_checkpoint,
-    restore_rng,
-    rng_state,
-    save_checkpoint,
-)
+from .checkpointing import load_newest_readable, restore_rng, rng_state, save_checkpoint
 from .contribution import modality_contributions
 from .evaluation import device_batch, evaluate, split_loader
 from .feature_store import default_cache_root
@@ -197,12 +190,8 @@ class Trainer:
         parent = self.refit_of
         if parent is not None and parent.caches and parent.cache_step == self.cache_step:
             self.caches = {"train": PrefixCache.concat([parent.caches["train"], parent.caches["val"]])}
-            self.cache_info = {
-                **parent.cache_info,
-                "build_time_s": 0.0,
-                "computed_items": 0,
-                "continued_items": 0,
-            }
+            none = {"build_time_s": 0.0, "computed_items": 0, "continued_items": 0}
+            self.cache_info = {**parent.cache_info, **none}
             return
         acc = self.accelerator
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
@@ -492,20 +481,11 @@ class Trainer:
         self._emit("checkpoint", st)
 
     def _restore(self, st: TrainState) -> None:
-        found = checkpoint_folders(self.path("checkpoints")) if self.output_dir else []
-        if not found:
+        loaded = load_newest_readable(self.path("checkpoints")) if self.output_dir else None
+        if loaded is None:
             log.warning("resume: no checkpoint under %s; starting from scratch", self.path("checkpoints"))
             return
-        for k, (_, path) in enumerate(reversed(found)):  # newest first; a damaged one falls back
-            try:
-                state, weights, best = load_checkpoint(path)
-                break
-            except CheckpointError as e:
-                if k == len(found) - 1:
-                    raise CheckpointError(
-                        f"resume: {e}; no earlier checkpoint is readable. Start again with --overwrite"
-                    ) from None
-                log.warning("resume: %s; trying the one before", e)
+        path, state, weights, best = loaded
         if state["world_size"] != self.accelerator.num_processes:
             raise TrainingError(
                 f"{path} was written by {state['world_size']} processes; resume with the same number "
