@@ -57,6 +57,8 @@ METHOD_CASES: dict[str, dict] = {
     "wander:layers": {"k": 2, "r": 4, "rank": 2, "layers": [-2, -1]},
     "pmf": {"num_qp": 2, "num_qcp": 2, "num_fcp": 2},
     "pmf:concat": {"num_fusion_layers": 1, "num_qcp": 0, "head": "concat", "mlp_hidden": 8},
+    "missing_prompts": {"num_prompts": 2},
+    "missing_prompts:layers": {"num_prompts": 3, "layers": [0, -1], "modalities": ["text", "image"]},
     "pmf:frozen_fcp": {"num_qp": 1, "num_qcp": 1, "num_fcp": 1, "train_fcp": False},
 }
 

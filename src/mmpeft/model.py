@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backbone import LockstepBackbone, States
+from .backbone import EMBED_STEP, LockstepBackbone, States
 from .config import ConfigError, from_dict
 from .encoders.base import Encoder, freeze
 from .heads import HeadConfig, MLPHead
 from .methods.base import Method, MethodConfig
+from .missing import STRATEGIES, MissingModalities, check_absent, resolve_strategy
 from .registry import ENCODERS, METHODS, closest
 
 
@@ -48,6 +49,9 @@ class ModelSpec:
     """Methods to attach, in order; each a mapping with ``name`` and that method's options."""
     head: dict = field(default_factory=dict)
     """Task head options (``HeadConfig``)."""
+    missing: str = "auto"
+    """What an absent modality's tokens become: zeros, placeholder (learned), error, or auto
+    (placeholder when training with train.modality_dropout, else zeros); see ``mmpeft.missing``."""
 
 
 def parse_method_entry(entry: dict, where: str) -> tuple[str, type[Method], MethodConfig]:
@@ -86,6 +90,8 @@ def validate_model_spec(data: dict) -> tuple[ModelSpec, dict[str, EncoderSpec], 
             if m not in encoders:
                 raise ConfigError(f"model.methods ({key}): unknown modality {m!r}; have {sorted(encoders)}")
     head = from_dict(HeadConfig, spec.head, where="model.head")
+    if spec.missing not in STRATEGIES:
+        raise ConfigError(f"model.missing: expected one of {list(STRATEGIES)}, got {spec.missing!r}")
     return spec, encoders, methods, head
 
 
@@ -137,9 +143,9 @@ def resolve_weights_path(path: str, modality: str) -> str:
 
 def build_model(config: dict) -> MultimodalModel:
     """Build encoders (frozen), attach the configured methods and the head."""
-    _, enc_specs, methods, head = validate_model_spec(config)
+    spec, enc_specs, methods, head = validate_model_spec(config)
     encoders = {m: build_encoder(m, s) for m, s in enc_specs.items()}
-    model = MultimodalModel(encoders, head)
+    model = MultimodalModel(encoders, head, missing=resolve_strategy(spec.missing, None))
     for key, method, cfg in methods:
         model.attach(method, cfg, key=key)
     model.finish()
@@ -157,12 +163,17 @@ def plain(value: Any) -> Any:
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, encoders: dict[str, Encoder], head: HeadConfig | None = None):
+    def __init__(self, encoders: dict[str, Encoder], head: HeadConfig | None = None, missing: str = "zeros"):
         super().__init__()
         for enc in encoders.values():
             freeze(enc).eval()
         self.backbone = LockstepBackbone(encoders)
         self.peft = nn.ModuleDict()
+        dims = {m: e.dim for m, e in encoders.items()}
+        # a plain reference: a learned placeholder's parameters are registered under model.peft only
+        object.__setattr__(self, "missing", MissingModalities(dims, missing))
+        if self.missing.placeholder is not None:
+            self.peft["missing"] = self.missing
         self.head_config = head or HeadConfig()
         self.fusion: nn.Module | None = None  # set by a method with provides_fusion
         self.methods: dict[str, type[Method]] = {}
@@ -173,7 +184,7 @@ class MultimodalModel(nn.Module):
         method = METHODS.get(method) if isinstance(method, str) else method
         cfg = cfg or method.config_class()
         key = key or method.name
-        if key in self.peft or key == "head":
+        if key in self.peft or key in ("head", "missing"):
             raise ValueError(f"a method is already attached under {key!r}; give a distinct key")
         n = len(cfg.modalities or self.backbone.modalities)
         if n < method.min_modalities:
@@ -227,6 +238,7 @@ class MultimodalModel(nn.Module):
         states: States | None = None,
         start_step: int = 0,
         ids: list[Any] | None = None,
+        absent: dict[str, Tensor] | None = None,
     ) -> dict[str, Any]:
         """Raw inputs per modality -> {"logits", "features", "states"}.
 
@@ -234,13 +246,17 @@ class MultimodalModel(nn.Module):
         step ``start_step`` (the trainer's prefix cache holds those). ``ids`` (the batch's item ids)
         and the raw ``inputs`` (None from cached states) reach a head with ``takes_batch``: BLIP's
         head runs ITM on hard negatives inside the forward, so DDP sees every parameter it uses.
+        ``absent`` ({modality: (B,) bool}) marks examples that lack a modality (``mmpeft.missing``).
         """
         bb = self.backbone
         raw = inputs if states is None else None
-        if states is None:
+        marks = check_absent(absent, bb.modalities, ids)
+        if marks is None and states is None:
             states = bb(inputs)
-        else:
+        elif marks is None:
             states = bb.finalize(bb.run_steps(states, start_step, bb.num_steps))
+        else:
+            states = self.missing.finish(self._run_with_absent(inputs, states, start_step, marks, ids))
         feats = self.features(states)
         head = self.peft["head"] if "head" in self.peft else None
         if head is None:
@@ -252,6 +268,20 @@ class MultimodalModel(nn.Module):
         else:
             logits = head(feats)
         return {"logits": logits, "features": feats, "states": states}
+
+    def _run_with_absent(self, inputs, states, start_step: int, marks, ids) -> States:
+        """The backbone with absent examples' tokens overwritten where the first trainable module
+        acts (or where the given states start, if later): nothing trainable sees the stand-ins."""
+        bb = self.backbone
+        first = bb.first_trainable_step()
+        if states is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and first <= EMBED_STEP):
+                states = bb.embed(inputs)
+            start_step = 0
+        cut = max(first, start_step)
+        states = bb.run_steps(states, start_step, cut, first)
+        states = self.missing.fill(states, marks, ids)
+        return bb.finalize(bb.run_steps(states, cut, bb.num_steps, first))
 
     def train(self, mode: bool = True) -> MultimodalModel:
         """Frozen encoders stay in eval mode (dropout off) unless their weights train."""

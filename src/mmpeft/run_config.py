@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .config import ConfigError, from_dict
+from .missing import dropout_rates, resolve_strategy
 from .model import validate_model_spec
 from .registry import DATASETS, TASKS, closest
 
@@ -55,6 +56,9 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0: no clipping)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision: fp16 or bf16 on GPU, bf16 on CPU too (fp16 is ignored on the CPU)."""
+    modality_dropout: dict | float | None = None
+    """Drop modalities of training examples at random, {modality: rate} or one rate for all (e.g.
+    {audio: 0.3}); an example keeps at least one. Makes ``model.missing: auto`` a learned placeholder."""
     gradient_checkpointing: bool = False
     """Recompute each trainable block step in backward instead of storing its activations (less
     memory for methods in many layers, about one more forward of the trainable region in time)."""
@@ -169,7 +173,10 @@ def validate_run_config(config: dict, reader_class: type | None = None) -> Valid
             f"a run config must be a mapping with model/task/data/train, got {type(config).__name__}"
         )
     run = from_dict(RunConfig, config, where="config")
-    _spec, encoders, methods, head = validate_model_spec(run.model)
+    spec, encoders, methods, head = validate_model_spec(run.model)
+    train = from_dict(TrainConfig, run.train, where="train")
+    check_train_config(train)
+    dropout_rates(train.modality_dropout, list(encoders))
     model = {
         "encoders": {m: plain(dataclasses.asdict(s)) for m, s in encoders.items()},
         "methods": [
@@ -181,6 +188,7 @@ def validate_run_config(config: dict, reader_class: type | None = None) -> Valid
             for key, method, cfg in methods
         ],
         "head": plain(dataclasses.asdict(head)),
+        "missing": resolve_strategy(spec.missing, train.modality_dropout),
     }
     task_cls, task_cfg, task = _named_section(run.task, TASKS, "task")
     if reader_class is None:
@@ -190,8 +198,6 @@ def validate_run_config(config: dict, reader_class: type | None = None) -> Valid
         reader_cls = reader_class
         reader_cfg = from_dict(reader_class.config_class, options, where=f"data ({reader_class.name})")
         data = {"name": reader_class.name, **plain(dataclasses.asdict(reader_cfg))}
-    train = from_dict(TrainConfig, run.train, where="train")
-    check_train_config(train)
     resolved = {"model": model, "task": task, "data": data, "train": dataclasses.asdict(train)}
     given = isinstance(run.model.get("head"), dict) and "num_outputs" in run.model["head"]
     return ValidatedRun(resolved, train, task_cls, task_cfg, reader_cls, reader_cfg, given)

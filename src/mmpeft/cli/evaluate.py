@@ -6,14 +6,19 @@ import argparse
 import json
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """--run DIR and --split NAME, shared with ``mmpeft robustness``."""
+    p.add_argument("--run", required=True, metavar="DIR", help="the --output folder of `mmpeft train`")
+    p.add_argument("--split", default="test", help="split to score (default: test)")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="score a trained run on a split (reproduces its test metrics)",
         description="Rebuild the model of a `mmpeft train` run and evaluate it.",
     )
-    p.add_argument("--run", required=True, metavar="DIR", help="the --output folder of `mmpeft train`")
-    p.add_argument("--split", default="test", help="split to score (default: test)")
+    add_run_arguments(p)
     p.add_argument(
         "--noise",
         action="append",
@@ -21,7 +26,14 @@ def add_parser(sub) -> None:
         help="add Gaussian noise to that modality's raw input, std = LEVEL x the input's own std "
         "(repeat or comma-join for several, e.g. --noise image=0.5)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+    p.add_argument(
+        "--missing",
+        action="append",
+        metavar="MODALITY=RATE",
+        help="remove that modality from this fraction of the examples, drawn per example with --seed "
+        "(e.g. --missing audio=1.0: every example without its audio)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the missing draws (default: 0)")
     p.set_defaults(handler=run)
 
 
@@ -30,9 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from ..train import evaluate_run
 
     noise = parse_levels(args.noise, "--noise")
-    metrics = evaluate_run(args.run, args.split, noise=noise, seed=args.seed)
+    missing = parse_levels(args.missing, "--missing")
+    metrics = evaluate_run(args.run, args.split, noise=noise, seed=args.seed, missing=missing)
     out = {args.split: metrics}
     if noise:
         out["noise"] = {"levels": noise, "seed": args.seed}
+    if missing:
+        out["missing"] = {"rates": missing, "seed": args.seed}
     print(json.dumps(out, indent=2))
     return 0

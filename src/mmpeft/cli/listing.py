@@ -69,6 +69,8 @@ def run_list(args: argparse.Namespace) -> int:
     print(f"{args.name}: {summary(cls)}")
     if args.kind == "methods" and capabilities(cls):
         print(f"capabilities: {capabilities(cls)}")
+    if args.kind == "methods":
+        print(f"missing modality: {cls.missing}")
     if args.kind == "tasks":
         print(f"primary metric: {cls.primary} ({'higher' if cls.higher_is_better else 'lower'} is better)")
     config_class = getattr(cls, "config_class", None)

@@ -1,7 +1,8 @@
-"""The ``mmpeft`` command: train | pretrain | tune | eval | bench | list | inspect | demo.
+"""The ``mmpeft`` command: train | pretrain | tune | eval | robustness | bench | list | inspect | demo.
 
 mmpeft train --config toy method=wander train.epochs=3 --output runs/toy-wander
-mmpeft eval --run runs/toy-wander
+mmpeft eval --run runs/toy-wander --missing image=1.0
+mmpeft robustness --run runs/toy-wander
 mmpeft list methods            mmpeft list methods wander
 mmpeft inspect --config toy method=pmf
 mmpeft bench --config toy --methods linear,lora,wander,pmf --seeds 0,1,2 --output runs/toy-bench
@@ -19,7 +20,7 @@ import sys
 
 from ..config import ConfigError
 from ..distributed import is_main_process
-from . import bench, demo, evaluate, listing, pretrain, train, tune
+from . import bench, demo, evaluate, listing, pretrain, robustness, train, tune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, pretrain, tune, evaluate, bench, listing, demo):
+    for module in (train, pretrain, tune, evaluate, robustness, bench, listing, demo):
         module.add_parser(sub)
     return parser
 

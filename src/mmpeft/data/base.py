@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 
@@ -71,21 +72,66 @@ class DatasetReader:
         is reported before the first step rather than after the last one."""
 
 
-def collate_examples(examples: list[dict], encoders: dict) -> dict[str, Any]:
-    """Examples -> {"inputs": {m: encoder batch}, "targets": list, "ids": list} via each encoder's collate."""
-    inputs = {}
+def lacks(example: dict, modality: str) -> bool:
+    """The example has no input for ``modality`` (None, not given) or is marked as lacking it
+    (``example["absent"]``, e.g. by ``mmpeft eval --missing``, which keeps the input as a stand-in)."""
+    return example["inputs"].get(modality) is None or modality in example.get("absent", ())
+
+
+class StandIns:
+    """A present input per modality from a split, for batches in which no example has one."""
+
+    def __init__(self, dataset):
+        self.dataset, self.found = dataset, {}
+
+    def __call__(self, modality: str) -> Any:
+        if modality not in self.found:
+            for i in range(len(self.dataset)):
+                item = self.dataset[i]["inputs"].get(modality)
+                if item is not None:
+                    self.found[modality] = item
+                    break
+            else:
+                raise DataError(
+                    f"no example of this split has a {modality!r} input; nothing can stand in for it"
+                )
+        return self.found[modality]
+
+
+def collate_examples(examples: list[dict], encoders: dict, stand_in=None) -> dict[str, Any]:
+    """Examples -> {"inputs": {m: encoder batch}, "targets", "ids"[, "absent"]} via each encoder's collate.
+
+    An example may lack any modality but one (``mmpeft.missing``): its slot gets a stand-in input
+    (another example's, else ``stand_in(modality)``) that the model overwrites, and
+    ``absent[m]`` (B,) bool marks it."""
+    inputs, absent = {}, {}
+    marks = {m: [lacks(ex, m) for ex in examples] for m in encoders}
+    for j, ex in enumerate(examples):
+        if all(marks[m][j] for m in encoders):
+            raise DataError(
+                f"example {ex.get('id')!r} has none of the model's modalities {list(encoders)}; "
+                f"it has {sorted(k for k, v in ex['inputs'].items() if v is not None)}"
+            )
     for m, enc in encoders.items():
-        items = []
-        for ex in examples:
-            if m not in ex["inputs"]:
-                raise DataError(f"example {ex.get('id')!r} has no {m!r} input; it has {sorted(ex['inputs'])}")
-            items.append(ex["inputs"][m])
+        items = [ex["inputs"].get(m) for ex in examples]
+        if any(marks[m]):
+            present = [x for x in items if x is not None]
+            if not present and stand_in is None:
+                raise DataError(
+                    f"no example of the batch has a {m!r} input (ids {[ex.get('id') for ex in examples][:5]})"
+                )
+            fill = present[0] if present else stand_in(m)
+            items = [fill if x is None else x for x in items]
+            absent[m] = torch.tensor(marks[m], dtype=torch.bool)
         inputs[m] = enc.collate(items)
-    return {
+    batch = {
         "inputs": inputs,
         "targets": [ex.get("target") for ex in examples],
         "ids": [ex.get("id") for ex in examples],
     }
+    if absent:
+        batch["absent"] = absent
+    return batch
 
 
 def build_reader(name: str, options: dict | None = None, where: str = "data") -> DatasetReader:

@@ -82,6 +82,11 @@ class ManifestConfig(ReaderConfig):
     """Open images on access (RGB PIL); False yields their paths (checked to exist)."""
 
 
+def empty(value: Any) -> bool:
+    """An empty cell (``""`` in CSV, null or absent in JSONL): the example lacks that modality."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def infer_kind(value: Any) -> str:
     if isinstance(value, str):
         ext = os.path.splitext(value.lower())[1]
@@ -144,11 +149,22 @@ class ManifestReader(DatasetReader):
                 out[canonical_split(split, self.splits, self.name)] = [
                     (path, ln, r) for ln, r in self.table(path)
                 ]
-        for rows in out.values():
+        for split, rows in out.items():
+            seen = set()
             for path, line, row in rows:
-                for m, col in self.cfg.columns.items():
-                    self.cell(row, col, path, line, f"{m!r} input")
+                have = [m for m, col in self.cfg.columns.items() if not empty(row.get(col))]
+                if not have:
+                    cols = list(self.cfg.columns.values())
+                    raise DataError(
+                        f"{path}, line {line}: every input column {cols} is empty; nothing to use"
+                    )
+                seen.update(have)
                 self.cell(row, self.cfg.label_column, path, line, "label")
+            never = [
+                f"{m!r} (column {col!r})" for m, col in self.cfg.columns.items() if m not in seen and rows
+            ]
+            if never:  # more likely a misspelt column than a modality that no example has
+                raise DataError(f"manifest split {split!r}: {', '.join(never)} is empty in every row")
         self._rows = out
         return out
 
@@ -244,7 +260,11 @@ class ManifestReader(DatasetReader):
             raise DataError(f"manifest {self.cfg.root!r} has no rows")
         path, line, row = rows[0]
         rate = self.cfg.target_sampling_rate or None  # None: each file keeps its own rate
-        audio = [m for m, col in self.cfg.columns.items() if self.kind(m, row[col]) == "audio"]
+
+        def first_value(col: str) -> Any:
+            return next((r[col] for _, _, r in rows if not empty(r.get(col))), None)
+
+        audio = [m for m, col in self.cfg.columns.items() if self.kind(m, first_value(col)) == "audio"]
         out: dict[str, Any] = {"sampling_rate": {m: rate for m in audio}}
         if self.cfg.label_type == "float":
             first = self.target(row[self.cfg.label_column], path, line)
@@ -278,7 +298,10 @@ class ManifestReader(DatasetReader):
 
     def example(self, split: str, i: int) -> dict:
         path, line, row = self.rows()[split][i]
-        inputs = {m: self.load(m, row[col], path, line, col) for m, col in self.cfg.columns.items()}
+        inputs = {  # an empty cell: the example lacks that modality (mmpeft.missing)
+            m: None if empty(row.get(col)) else self.load(m, row[col], path, line, col)
+            for m, col in self.cfg.columns.items()
+        }
         ident = str(row[self.cfg.id_column]) if self.cfg.id_column else f"{os.path.basename(path)}:{line}"
         return {"inputs": inputs, "target": self.target(row[self.cfg.label_column], path, line), "id": ident}
 
@@ -287,7 +310,8 @@ class ManifestReader(DatasetReader):
         for rows in self.rows().values():
             for path, line, row in rows:
                 for m, col in self.cfg.columns.items():
-                    self.check_cell(m, row[col], path, line, col)
+                    if not empty(row.get(col)):
+                        self.check_cell(m, row[col], path, line, col)
 
     def check_cell(self, modality: str, value: Any, path: str, line: int, col: str) -> None:
         where = f"{path}, line {line}, column {col!r}"

@@ -1,4 +1,4 @@
-"""Perturbed evaluation inputs (``mmpeft eval --noise MODALITY=LEVEL``).
+"""Perturbed evaluation inputs (``mmpeft eval --noise MODALITY=LEVEL --missing MODALITY=RATE``).
 
 Gaussian noise is added to a modality's raw input (a waveform, a feature array, an image's pixels
 in [0, 1]) with standard deviation LEVEL times the input's own standard deviation, drawn per
@@ -68,3 +68,34 @@ class NoisyDataset(torch.utils.data.Dataset):
                 rng = np.random.default_rng([self.seed, i, zlib.crc32(m.encode())])
                 inputs[m] = add_noise(inputs[m], level, rng, f"example {ex.get('id')!r}, modality {m!r}")
         return {**ex, "inputs": inputs}
+
+
+class MissingDataset(torch.utils.data.Dataset):
+    """A split whose examples lack modalities at the given rates (``mmpeft eval --missing``).
+
+    Each example loses each listed modality when a uniform draw from a generator seeded by (seed,
+    example index, modality) falls below the rate, so an evaluation is reproducible and a higher
+    rate removes a superset of what a lower one removed. The input stays in place as the stand-in
+    (``data.base.lacks``) and the example is marked (``example["absent"]``). An example never loses
+    its last modality: where every one it had was drawn, the one drawn highest stays."""
+
+    def __init__(self, dataset, rates: dict[str, float], seed: int = 0):
+        bad = {m: r for m, r in rates.items() if r > 1}
+        if bad:
+            raise DataError(f"--missing rates are fractions in [0, 1], got {bad}")
+        self.dataset, self.rates, self.seed = dataset, rates, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.dataset[i]
+        already = set(ex.get("absent", ()))
+        had = [m for m, x in ex["inputs"].items() if x is not None and m not in already]
+        draws = {
+            m: np.random.default_rng([self.seed, i, zlib.crc32(m.encode())]).random() for m in self.rates
+        }
+        lost = {m for m in had if m in self.rates and draws[m] < self.rates[m]}
+        if had and lost == set(had):
+            lost.discard(max(had, key=lambda m: draws[m]))
+        return {**ex, "absent": sorted(already | lost)}

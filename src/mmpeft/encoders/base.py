@@ -29,6 +29,10 @@ class EncoderState:
     n_prefix: leading special tokens (CLS, distillation, register tokens) kept at the front.
     n_prompt: prompt tokens inserted right after the prefix by methods (removed by pooling).
     extras:   family-specific tensors a block needs (e.g. rotary or relative position terms).
+    absent:   which examples of the batch lack each modality, {modality: (B,) bool, True = absent};
+              set by the model (``mmpeft.missing``) on every modality's state, the same mapping on
+              each, so a module of one modality can see the others' absences; None when every
+              example has every modality.
     """
 
     tokens: Tensor
@@ -36,6 +40,7 @@ class EncoderState:
     n_prefix: int = 0
     n_prompt: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    absent: dict[str, Tensor] | None = None
 
     def replace(self, **changes: Any) -> EncoderState:
         return dataclasses.replace(self, **changes)

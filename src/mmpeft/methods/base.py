@@ -78,6 +78,10 @@ class Method:
         "use a method on final features instead (linear, late_fusion, lmf, tfn, wander) or full"
     )
     """What to do instead when the block rule leaves the method nothing to act on."""
+    missing: ClassVar[str] = (
+        "the absent modality's tokens are model.missing's (zeros or a learned placeholder)"
+    )
+    """How the method treats an example that lacks a modality (``mmpeft.missing``), in words."""
     modality_options: ClassVar[tuple[str, ...]] = ()
     """Config fields that name modalities (a name, a list or a mapping keyed by them); naming a
     skipped tower there is an error like naming it in ``modalities``."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..missing import zero_absent
 from ..registry import register_method
 from .base import Method, MethodConfig
 
@@ -29,9 +30,13 @@ class LateFusion(nn.Module):
             }
         )
         self.out_dim = proj_dim * len(dims)
+        self.masks_absent = True  # an absent modality's part is 0 (model.missing=zeros)
 
     def forward(self, states, backbone):
-        pooled = [self.proj[m](backbone.encoders[m].pool(states[m])) for m in self.proj]  # M x (B, P)
+        pooled = [
+            zero_absent(self.proj[m](backbone.encoders[m].pool(states[m])), states, m, self.masks_absent)
+            for m in self.proj
+        ]  # M x (B, P)
         return torch.cat(pooled, dim=-1)  # (B, M * P)
 
 
@@ -39,10 +44,12 @@ class LateFusion(nn.Module):
 class LateFusionMethod(Method):
     config_class = LateFusionConfig
     provides_fusion = True
+    missing = "masks an absent modality's projection to 0"
 
     @classmethod
     def attach(cls, model, cfg: LateFusionConfig):
         dims = {m: model.backbone.encoders[m].dim for m in cls.modalities(model, cfg)}
         fusion = LateFusion(dims, cfg.proj_dim, cfg.dropout)
+        fusion.masks_absent = model.missing.masks
         model.set_fusion(fusion)
         return fusion

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
+from ..missing import zero_absent
 from ..registry import register_method
 from .base import Method, MethodConfig
 from .tfn import ModalityProjection, append_one
@@ -50,6 +51,7 @@ class LowRankFusion(nn.Module):
             nn.init.xavier_normal_(f)
         nn.init.xavier_normal_(self.rank_weights)
         self.out_dim = out_dim
+        self.masks_absent = True  # an absent modality's vector is [0; 1] (model.missing=zeros)
 
     def fuse(self, z: dict[str, Tensor]) -> Tensor:
         """Projected features per modality {m: (B, P)} -> (B, O)."""
@@ -60,7 +62,14 @@ class LowRankFusion(nn.Module):
         return torch.einsum("r,bro->bo", self.rank_weights[0], prod) + self.bias  # (B, O)
 
     def forward(self, states, backbone) -> Tensor:
-        return self.fuse({m: self.proj[m](backbone.encoders[m].pool(states[m])) for m in self.proj})
+        return self.fuse(
+            {
+                m: zero_absent(
+                    self.proj[m](backbone.encoders[m].pool(states[m])), states, m, self.masks_absent
+                )
+                for m in self.proj
+            }
+        )
 
 
 @register_method("lmf")
@@ -68,10 +77,12 @@ class LMF(Method):
     config_class = LMFConfig
     provides_fusion = True
     min_modalities = 2
+    missing = "an absent modality's vector is [0; 1]: only the others' factors remain"
 
     @classmethod
     def attach(cls, model, cfg: LMFConfig):
         dims = {m: model.backbone.encoders[m].dim for m in cls.modalities(model, cfg)}
         fusion = LowRankFusion(dims, cfg.proj_dim, cfg.rank, cfg.out_dim, cfg.dropout)
+        fusion.masks_absent = model.missing.masks
         model.set_fusion(fusion)
         return fusion

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..encoders.base import EncoderState
 from ..heads import MLPHead
+from ..missing import absent_rows, present_weights
 from ..registry import register_method
 from .base import Method, MethodConfig
 
@@ -47,12 +48,17 @@ class PMFConfig(MethodConfig):
     """Standard deviation of the prompts' normal initialisation."""
 
 
-def append_tokens(state: EncoderState, extra: Tensor) -> EncoderState:
-    """Append (B, P, D) tokens after the sequence; they are never masked."""
+def append_tokens(state: EncoderState, extra: Tensor, extra_pad: Tensor | None = None) -> EncoderState:
+    """Append (B, P, D) tokens after the sequence; they are attendable except where ``extra_pad``
+    (B, P) is True (prompts from a modality the example lacks)."""
     tokens = torch.cat([state.tokens, extra], dim=1)  # (B, T + P, D)
     pad = state.pad_mask
-    if pad is not None:
-        pad = torch.cat([pad, pad.new_zeros(pad.shape[0], extra.shape[1])], dim=1)  # (B, T + P)
+    if pad is not None or extra_pad is not None:
+        B, T = state.tokens.shape[:2]
+        pad = pad if pad is not None else torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
+        if extra_pad is None:
+            extra_pad = pad.new_zeros(B, extra.shape[1])
+        pad = torch.cat([pad, extra_pad], dim=1)  # (B, T + P)
     return state.replace(tokens=tokens, pad_mask=pad)
 
 
@@ -89,6 +95,7 @@ class FusionLayer(nn.Module):
     ):
         super().__init__()
         self.num_qp = num_qp
+        self.masks_absent = True  # queries from a modality an example lacks are not attended
         self.pairs = nn.ModuleDict(
             {
                 a: nn.ModuleDict(
@@ -108,11 +115,14 @@ class FusionLayer(nn.Module):
     def forward(self, backbone, step: int, states: dict[str, EncoderState]) -> dict[str, EncoderState]:
         out = dict(states)
         mapped: dict[str, list[Tensor]] = {b: [] for b in self.pairs}
+        skipped: dict[str, list[Tensor | None]] = {b: [] for b in self.pairs}  # (B,) rows lacking a
         for a, targets in self.pairs.items():  # query stage, on the states entering this layer
             encoder, i = backbone.encoders[a], backbone.layer_at(a, step)
+            rows = absent_rows(states, a) if self.masks_absent else None
             for b, pair in targets.items():
                 q = encoder.run_block_tail(i, pair.query_input(states[a]), self.num_qp)  # (B, M_q, d_a)
                 mapped[b].append(pair.mlp(q))  # (B, M_q, d_b)
+                skipped[b].append(rows)
         for b in self.pairs:  # fusion stage
             s = states[b]
             B = s.tokens.shape[0]
@@ -122,9 +132,25 @@ class FusionLayer(nn.Module):
                 fcp = getattr(self.fcp, b).to(s.tokens.dtype)  # pragma: no mutate (a half-precision cast)
                 parts.insert(0, fcp.expand(B, -1, -1))  # pragma: no mutate  (B, M_fc, d_b)
             extra = torch.cat(parts, dim=1)  # (B, M_fc + (M-1) M_q, d_b)
-            y = backbone.run_block(b, backbone.layer_at(b, step), append_tokens(s, extra))
+            extra_pad = self.skip_absent(skipped[b], B, extra.shape[1], s.tokens.device)
+            y = backbone.run_block(b, backbone.layer_at(b, step), append_tokens(s, extra, extra_pad))
             out[b] = drop_last(y, extra.shape[1])  # (B, T_b, d_b)
         return out
+
+    def skip_absent(self, rows: list[Tensor | None], B: int, width: int, device) -> Tensor | None:
+        """(B, width) True on the mapped queries of modalities an example lacks (the FCPs, first,
+        stay attendable); None when every example has every source modality."""
+        if all(r is None for r in rows):
+            return None
+        blocks = [
+            (torch.zeros(B, dtype=torch.bool, device=device) if r is None else r.to(device))
+            .unsqueeze(1)
+            .expand(B, self.num_qp)
+            for r in rows
+        ]  # (M-1) x (B, M_q)
+        queries = torch.cat(blocks, dim=1)
+        fcp = torch.zeros(B, width - queries.shape[1], dtype=torch.bool, device=device)
+        return torch.cat([fcp, queries], dim=1)
 
 
 class PMFBlocks(nn.Module):
@@ -159,6 +185,7 @@ class PMFHead(nn.Module):
         else:
             self.head = MLPHead(sum(dims.values()), num_outputs, hidden, dropout)
         self.modalities = list(dims)
+        self.masks_absent = True  # average: over the modalities each example has
 
     @property
     def probe_target(self) -> MLPHead | None:
@@ -168,7 +195,11 @@ class PMFHead(nn.Module):
     def forward(self, states: dict[str, EncoderState], backbone) -> Tensor:
         pooled = {m: backbone.encoders[m].pool(states[m]) for m in self.modalities}  # M x (B, d_m)
         if self.mode == "average":
-            return torch.stack([self.heads[m](x) for m, x in pooled.items()]).mean(0)  # (B, C)
+            logits = torch.stack([self.heads[m](x) for m, x in pooled.items()])  # (M, B, C)
+            if self.masks_absent and next(iter(states.values())).absent is not None:
+                weights = present_weights(states, self.modalities, logits[0])  # (M, B)
+                return (logits * weights.unsqueeze(-1)).sum(0)  # (B, C)
+            return logits.mean(0)  # (B, C)
         return self.head(torch.cat(list(pooled.values()), dim=-1))  # pragma: no mutate ((B, d) parts)  (B, C)
 
 
@@ -177,6 +208,7 @@ class PMF(Method):
     config_class = PMFConfig
     min_modalities = 2
     needs_blocks_in_every_tower = True
+    missing = "queries from an absent modality are masked out of attention; the average head averages the present ones"
     blockless_hint = (
         "PMF's fusion layers run the last num_fusion_layers blocks of every tower they fuse; leave it "
         "out of 'modalities' (PMF then fuses the others, at least 2 with blocks) or fuse final "
@@ -202,6 +234,8 @@ class PMF(Method):
             FusionLayer(dims, hidden, cfg.num_qp, cfg.num_qcp, cfg.num_fcp, cfg.init_std, cfg.train_fcp)
             for _ in range(K)
         ]
+        for layer in layers:
+            layer.masks_absent = model.missing.masks
         first = backbone.num_steps - K
         blocks = PMFBlocks(layers, first, backbone)
         for step in range(first, backbone.num_steps):
@@ -209,5 +243,7 @@ class PMF(Method):
         h = model.head_config
         if h.num_outputs > 0:
             all_dims = {m: e.dim for m, e in backbone.encoders.items()}
-            model.set_head(PMFHead(all_dims, h.num_outputs, cfg.head, h.hidden, h.dropout))
+            head = PMFHead(all_dims, h.num_outputs, cfg.head, h.hidden, h.dropout)
+            head.masks_absent = model.missing.masks
+            model.set_head(head)
         return blocks

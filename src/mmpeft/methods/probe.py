@@ -68,7 +68,7 @@ def collect(trainer, source) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Pooled features per modality (N, D_m) of a split and the head's input (under ``FEATURES``:
     their concatenation, or a fusion method's output), and the split's batches (targets, ids)."""
     from ..train.batches import sequential_batches
-    from ..train.evaluation import device_batch, split_loader
+    from ..train.evaluation import device_batch, forward_options, split_loader
 
     model = trainer.model
     model.eval()
@@ -80,7 +80,7 @@ def collect(trainer, source) -> tuple[dict[str, np.ndarray], list[dict]]:
     for batch in loader:
         batch = device_batch(batch, trainer.accelerator.device)
         # the model's own forward, from raw inputs or cached states, as in training and evaluation
-        out = trainer.module(batch["inputs"], cached=batch.get("cached", False), ids=batch.get("ids"))
+        out = trainer.module(batch["inputs"], **forward_options(batch))
         for key, x in {**model.pooled(out["states"]), FEATURES: out["features"]}.items():
             parts.setdefault(key, []).append(x.float().cpu().numpy().astype(np.float64))
         kept.append({"targets": batch["targets"], "ids": batch["ids"]})

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
+from ..missing import zero_absent
 from ..registry import register_method
 from .base import Method, MethodConfig
 
@@ -68,11 +69,15 @@ class TensorFusion(nn.Module):
         super().__init__()
         self.proj = nn.ModuleDict({m: ModalityProjection(d, proj_dim, dropout) for m, d in dims.items()})
         self.out_dim = (proj_dim + 1) ** len(dims)
+        self.masks_absent = True  # an absent modality's vector is [0; 1] (model.missing=zeros)
 
     def forward(self, states, backbone) -> Tensor:
         z = [
-            append_one(self.proj[m](backbone.encoders[m].pool(states[m]))) for m in self.proj
-        ]  # M x (B, P+1)
+            append_one(
+                zero_absent(self.proj[m](backbone.encoders[m].pool(states[m])), states, m, self.masks_absent)
+            )
+            for m in self.proj
+        ]  # M x (B, P+1): [0; 1] keeps only the other modalities' terms
         return outer_flatten(z)  # (B, (P+1)^M)
 
 
@@ -81,6 +86,7 @@ class TFN(Method):
     config_class = TFNConfig
     provides_fusion = True
     min_modalities = 2
+    missing = "an absent modality's vector is [0; 1]: only the others' terms remain"
 
     @classmethod
     def attach(cls, model, cfg: TFNConfig):
@@ -92,5 +98,6 @@ class TFN(Method):
                 f"of {out_dim:,} > max_dim {cfg.max_dim:,}; lower proj_dim, raise max_dim, or use 'lmf'"
             )
         fusion = TensorFusion(dims, cfg.proj_dim, cfg.dropout)
+        fusion.masks_absent = model.missing.masks
         model.set_fusion(fusion)
         return fusion

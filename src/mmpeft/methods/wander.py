@@ -134,8 +134,8 @@ class WanderCore(nn.Module):
     def project(self, inputs: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, Tensor]:
         return {m: self.factors[m].project(*inputs[m], m) for m in self.factors}
 
-    def fuse(self, zs: dict[str, Tensor]) -> Tensor:
-        """{m: Z_m (B, T_m, r)} -> F (B, k, d)."""
+    def fuse(self, zs: dict[str, Tensor], absent: dict[str, Tensor] | None = None) -> Tensor:
+        """{m: Z_m (B, T_m, r)} -> F (B, k, d); ``absent`` rows of a modality take no part (factor 1)."""
         prod = None
         for m, z in zs.items():
             f = self.factors[m]
@@ -143,18 +143,25 @@ class WanderCore(nn.Module):
             if not self.exact:  # the released form: sum the components first (R = 1 below)
                 S, A = S.sum(0, keepdim=True), A.sum(0, keepdim=True)
             p = modality_term(S, z, A)  # (B, R, k, d)
+            if absent is not None and m in absent:  # the product over the present modalities only
+                p = torch.where(absent[m].view(-1, 1, 1, 1), torch.ones_like(p), p)
             prod = p if prod is None else prod * p
         if self.exact:
             return torch.einsum("bikd,i->bkd", prod, self.lam)  # pragma: no mutate  (B, k, d)
         return prod[:, 0]
 
-    def forward(self, inputs: dict[str, tuple[Tensor, Tensor | None]]) -> Tensor:
-        return self.fuse(self.project(inputs))
+    def forward(self, inputs: dict[str, tuple[Tensor, Tensor | None]], absent=None) -> Tensor:
+        return self.fuse(self.project(inputs), absent)
 
     def token_map(self, modality: str, T: int) -> Tensor:
         """S_m (T, k) for broadcasting back: the token factors summed, at one factor's variance."""
         S = self.factors[modality].S[:, :T]  # (R_t, T, k)
         return S.sum(0) * (S.shape[0] ** -0.5 if self.exact else 1.0)
+
+
+def masked_absent(states: dict[str, EncoderState], active: bool) -> dict[str, Tensor] | None:
+    """The batch's absences when the fusion leaves absent modalities out, else None."""
+    return next(iter(states.values())).absent if active else None
 
 
 def sequences(states: dict[str, EncoderState], modalities) -> dict[str, tuple[Tensor, Tensor | None]]:
@@ -170,6 +177,7 @@ class WanderFusion(nn.Module):
         self.core, self.anchor, self.residual, self.output = core, anchor, residual, output
         self.gate = nn.Parameter(torch.zeros(core.d))  # Y equals the residual at step 0
         self.out_dim = core.d
+        self.masks_absent = True  # absent modalities leave the product (model.missing=zeros)
 
     def residual_of(self, states: dict[str, EncoderState], backbone, fused: Tensor) -> Tensor:
         B, k, d = fused.shape
@@ -186,7 +194,9 @@ class WanderFusion(nn.Module):
 
     def fused(self, states: dict[str, EncoderState], backbone) -> Tensor:
         """Y (B, k, d)."""
-        f = self.core(sequences(states, self.core.factors))  # (B, k, d)
+        f = self.core(
+            sequences(states, self.core.factors), masked_absent(states, self.masks_absent)
+        )  # (B, k, d)
         return self.residual_of(states, backbone, f) + self.gate * f
 
     def forward(self, states: dict[str, EncoderState], backbone) -> Tensor:
@@ -201,10 +211,11 @@ class WanderLayer(nn.Module):
         super().__init__()
         self.core = core
         self.up = nn.ParameterDict({m: nn.Parameter(torch.zeros(core.d, dims[m])) for m in dims})
+        self.masks_absent = True  # absent modalities leave the product (model.missing=zeros)
 
     def forward(self, step: int, states: dict[str, EncoderState]) -> dict[str, EncoderState]:
         inputs = sequences(states, self.up)
-        fused = self.core(inputs)  # (B, k, d)
+        fused = self.core(inputs, masked_absent(states, self.masks_absent))  # (B, k, d)
         out = dict(states)
         for m, (tokens, pad) in inputs.items():
             back = fused @ self.up[m]  # (B, k, d_m)
@@ -245,6 +256,7 @@ class Wander(Method):
     min_modalities = 2
     provides_fusion = True
     modality_options = ("anchor", "max_len")
+    missing = "an absent modality leaves the CP product (its factor is 1)"
     blockless_hint = "use post placement (layers: null), which fuses the final sequences of any tower"
 
     @classmethod
@@ -282,11 +294,13 @@ class Wander(Method):
         )
         if cfg.layers is None:
             fusion = WanderFusion(make_core(), anchor, cfg.residual, cfg.output)
+            fusion.masks_absent = model.missing.masks
             model.set_fusion(fusion)
             return fusion
         container = nn.ModuleDict()
         for i in model.backbone.resolve_layers(anchor, cfg.layers):
             layer = WanderLayer(make_core(), dims)
+            layer.masks_absent = model.missing.masks
             model.backbone.add_layer_module(model.backbone.step_of(anchor, i), layer)
             container[str(i)] = layer
         return container

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.base import DataError
+from ..data.base import DataError, lacks
 from ..encoders.base import EncoderState
 from .batches import to_device
 from .feature_store import FeatureStore, content_hash, encoder_fingerprint
@@ -42,11 +42,15 @@ class TrainModule(nn.Module):
         self.start_step = start_step
 
     def forward(
-        self, inputs: dict[str, Any], cached: bool = False, ids: list | None = None
+        self,
+        inputs: dict[str, Any],
+        cached: bool = False,
+        ids: list | None = None,
+        absent: dict | None = None,
     ) -> dict[str, Any]:
         if not cached:
-            return self.model(inputs, ids=ids)
-        return self.model(states=inputs, start_step=self.start_step, ids=ids)
+            return self.model(inputs, ids=ids, absent=absent)
+        return self.model(states=inputs, start_step=self.start_step, ids=ids, absent=absent)
 
 
 def cacheable_step(model: nn.Module, reader: Any) -> int:
@@ -119,6 +123,7 @@ class PrefixCache:
         self.layout: dict[str, tuple[int, int]] = {}  # modality -> (n_prefix, n_prompt)
         self.targets: list[Any] = []
         self.ids: list[Any] = []
+        self.absent: dict[str, list[bool]] = {}  # modality -> per example: it lacks the modality
         self.computed = 0  # distinct inputs computed (not found in the store) while building
         self.continued = 0  # of which continued from a store of fewer blocks, not from the raw input
 
@@ -143,8 +148,8 @@ class PrefixCache:
         finally:
             model.train(was_training)
         for m in bb.modalities:
-            rows, cache.layout[m] = stores[m].get(hashes[m])
-            cache.rows[m] = [rows[h] for h in hashes[m]]
+            rows, cache.layout[m] = stores[m].get([h for h in hashes[m] if h is not None])
+            cache.rows[m] = [None if h is None else rows[h] for h in hashes[m]]
         return cache
 
     def _read(self, dataset, modalities: list[str]) -> dict[str, list[str]]:
@@ -152,11 +157,13 @@ class PrefixCache:
         hashes: dict[str, list[str]] = {m: [] for m in modalities}
         for i in range(len(dataset)):
             ex = dataset[i]
+            if all(lacks(ex, m) for m in modalities):
+                raise DataError(f"example {ex.get('id')!r} has none of the model's modalities {modalities}")
             for m in modalities:
-                if m not in ex["inputs"]:
-                    raise DataError(
-                        f"example {ex.get('id')!r} has no {m!r} input; it has {sorted(ex['inputs'])}"
-                    )
+                self.absent.setdefault(m, []).append(lacks(ex, m))
+                if ex["inputs"].get(m) is None:  # nothing to compute: collate puts a stand-in row here
+                    hashes[m].append(None)
+                    continue
                 try:
                     hashes[m].append(content_hash(ex["inputs"][m]))
                 except TypeError as e:
@@ -168,7 +175,7 @@ class PrefixCache:
         return hashes
 
     def _compute_missing(self, bb, m, dataset, hashes, store, batch_size, device, autocast) -> None:
-        todo = store.missing(hashes)
+        todo = store.missing([h for h in hashes if h is not None])
         if not todo:
             return
         first = {}
@@ -224,6 +231,8 @@ class PrefixCache:
                 out.rows.setdefault(m, []).extend(rows)
             out.targets += c.targets
             out.ids += c.ids
+            for m, marks in c.absent.items():
+                out.absent.setdefault(m, []).extend(marks)
         return out
 
     def nbytes(self) -> int:
@@ -237,17 +246,32 @@ class PrefixCache:
 
     def collate(self, indices: list[int]) -> dict[str, Any]:
         """Cached examples -> {"inputs": {m: EncoderState}, "targets", "ids", "cached": True}."""
-        inputs = {}
+        inputs, absent = {}, {}
         for m, rows in self.rows.items():
             picked = [rows[i] for i in indices]
+            if any(row is None for row in picked):  # an example without this input: a stand-in row
+                fill = next((row for row in picked if row is not None), None) or self.stand_in(m)
+                picked = [fill if row is None else row for row in picked]
+            marks = [self.absent[m][i] for i in indices] if m in self.absent else []
+            if any(marks):
+                absent[m] = torch.tensor(marks, dtype=torch.bool)
             n_prefix, n_prompt = self.layout[m]
             inputs[m] = EncoderState(*_pad_rows(picked), n_prefix=n_prefix, n_prompt=n_prompt)
-        return {
+        batch = {
             "inputs": inputs,
             "targets": [self.targets[i] for i in indices],
             "ids": [self.ids[i] for i in indices],
             "cached": True,
         }
+        if absent:
+            batch["absent"] = absent
+        return batch
+
+    def stand_in(self, modality: str) -> tuple[Tensor, Tensor | None]:
+        row = next((row for row in self.rows[modality] if row is not None), None)
+        if row is None:
+            raise CacheError(f"prefix caching: no example of this split has a {modality!r} input to stand in")
+        return row
 
 
 def run_blocks(bb, modality: str, state: EncoderState, start: int, stop: int) -> EncoderState:

@@ -46,6 +46,9 @@ def replaced(source, modality: str, perm: list[int]):
         out.layout, out.targets, out.ids = source.layout, source.targets, source.ids
         out.rows = dict(source.rows)
         out.rows[modality] = [source.rows[modality][j] for j in perm]
+        out.absent = dict(source.absent)
+        if modality in out.absent:
+            out.absent[modality] = [source.absent[modality][j] for j in perm]
         return out
     return ReplacedInput(source, modality, perm)
 

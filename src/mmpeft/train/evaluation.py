@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from ..adapter_io import load_adapter
-from ..data.base import DataError, collate_examples
-from ..data.perturb import NoisyDataset
+from ..data.base import DataError, StandIns, collate_examples
+from ..data.perturb import MissingDataset, NoisyDataset
 from ..run_config import read_yaml
 from .batches import IndexDataset, make_loader, sequential_batches, to_device
 from .cache import PrefixCache, TrainModule
@@ -22,12 +22,20 @@ def split_loader(source, batches: list[list[int]], encoders, num_workers: int = 
     """A DataLoader over a dataset (collated by the encoders) or over a prefix cache."""
     if isinstance(source, PrefixCache):
         return make_loader(IndexDataset(len(source)), batches, source.collate, 0, generator)
-    collate = partial(collate_examples, encoders=encoders)
+    collate = partial(collate_examples, encoders=encoders, stand_in=StandIns(source))
     return make_loader(source, batches, collate, num_workers, generator)
 
 
 def device_batch(batch: dict[str, Any], device) -> dict[str, Any]:
-    return {**batch, "inputs": to_device(batch["inputs"], device)}
+    moved = {**batch, "inputs": to_device(batch["inputs"], device)}
+    if "absent" in batch:
+        moved["absent"] = to_device(batch["absent"], device)
+    return moved
+
+
+def forward_options(batch: dict[str, Any]) -> dict[str, Any]:
+    """The ``TrainModule`` keywords a collated batch carries."""
+    return {"cached": batch.get("cached", False), "ids": batch.get("ids"), "absent": batch.get("absent")}
 
 
 @torch.no_grad()
@@ -49,7 +57,7 @@ def evaluate(module: TrainModule, task, source, batch_size: int, device, autocas
             bar.update(1)
             batch = device_batch(batch, device)
             with autocast():
-                outputs = module(batch["inputs"], cached=batch.get("cached", False), ids=batch.get("ids"))
+                outputs = module(batch["inputs"], **forward_options(batch))
             meter.update(outputs, batch)
         with autocast():
             metrics = meter.compute()
@@ -59,31 +67,61 @@ def evaluate(module: TrainModule, task, source, batch_size: int, device, autocas
     return {k: float(v) for k, v in metrics.items()}
 
 
-def evaluate_run(
-    run_dir: str, split: str = "test", noise: dict[str, float] | None = None, seed: int = 0
-) -> dict[str, float]:
-    """Rebuild a finished run from ``run_dir/config.yaml`` + ``run_dir/adapter`` and score ``split``;
-    ``noise`` ({modality: level}) adds Gaussian noise to those raw inputs (``data.perturb``)."""
-    config_file = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{run_dir!r} has no config.yaml; is it the --output of `mmpeft train`?")
-    comps = build_components(read_yaml(config_file))
-    load_adapter(comps.model, os.path.join(run_dir, "adapter"))
-    train_cfg = comps.validated.train
-    accelerator = make_accelerator(train_cfg)
-    module = TrainModule(comps.model).to(accelerator.device)
-    if split not in comps.reader.splits:
-        raise DataError(
-            f"dataset {comps.reader.name!r} has no split {split!r}; it has {list(comps.reader.splits)}"
-        )
-    dataset = comps.reader.split(split)
-    if noise:
-        unknown = sorted(set(noise) - set(comps.model.backbone.modalities))
+class RunEvaluator:
+    """A finished run rebuilt once from ``run_dir/config.yaml`` + ``run_dir/adapter``, scored under
+    any number of conditions (``mmpeft eval``, ``mmpeft robustness``)."""
+
+    def __init__(self, run_dir: str):
+        config_file = os.path.join(run_dir, "config.yaml")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{run_dir!r} has no config.yaml; is it the --output of `mmpeft train`?")
+        self.run_dir = run_dir
+        self.comps = build_components(read_yaml(config_file))
+        load_adapter(self.comps.model, os.path.join(run_dir, "adapter"))
+        self.train_cfg = self.comps.validated.train
+        self.accelerator = make_accelerator(self.train_cfg)
+        self.module = TrainModule(self.comps.model).to(self.accelerator.device)
+        self.splits: dict = {}
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.comps.model.backbone.modalities
+
+    def split(self, name: str):
+        reader = self.comps.reader
+        if name not in reader.splits:
+            raise DataError(f"dataset {reader.name!r} has no split {name!r}; it has {list(reader.splits)}")
+        if name not in self.splits:
+            self.splits[name] = reader.split(name)
+        return self.splits[name]
+
+    def check_modalities(self, levels: dict[str, float], flag: str) -> None:
+        unknown = sorted(set(levels) - set(self.modalities))
         if unknown:
             raise DataError(
-                f"--noise names {unknown}, which the model of {run_dir!r} does not have; it has "
-                f"{comps.model.backbone.modalities}"
+                f"{flag} names {unknown}, which the model of {self.run_dir!r} does not have; it has "
+                f"{self.modalities}"
             )
-        dataset = NoisyDataset(dataset, noise, seed)
-    batch_size = train_cfg.eval_batch_size or train_cfg.batch_size
-    return evaluate(module, comps.task, dataset, batch_size, accelerator.device, accelerator.autocast)
+
+    def score(
+        self, split: str = "test", noise: dict | None = None, missing: dict | None = None, seed: int = 0
+    ) -> dict[str, float]:
+        """``noise`` ({modality: level}) adds Gaussian noise to those raw inputs, ``missing``
+        ({modality: rate}) removes them from that fraction of the examples (``data.perturb``)."""
+        dataset = self.split(split)
+        if noise:
+            self.check_modalities(noise, "--noise")
+            dataset = NoisyDataset(dataset, noise, seed)
+        if missing:
+            self.check_modalities(missing, "--missing")
+            dataset = MissingDataset(dataset, missing, seed)
+        cfg, acc = self.train_cfg, self.accelerator
+        batch_size = cfg.eval_batch_size or cfg.batch_size
+        return evaluate(self.module, self.comps.task, dataset, batch_size, acc.device, acc.autocast)
+
+
+def evaluate_run(
+    run_dir: str, split: str = "test", noise: dict | None = None, seed: int = 0, missing: dict | None = None
+) -> dict[str, float]:
+    """Rebuild a finished run and score ``split`` (see ``RunEvaluator.score``)."""
+    return RunEvaluator(run_dir).score(split, noise=noise, missing=missing, seed=seed)

@@ -35,14 +35,16 @@ from ..adapter_io import adapter_state_dict, save_adapter
 from ..checkpoint import atomic_write_bytes
 from ..config import ConfigError
 from ..data.base import DataError
+from ..missing import dropout_rates
 from ..report import parameter_counts, trainable_and_total
 from ..run_config import RUNTIME_ONLY, dump_yaml, read_yaml
 from .batches import epoch_batches
 from .cache import PrefixCache, TrainModule, cacheable_step, open_stores
 from .checkpointing import load_newest_readable, restore_rng, rng_state, save_checkpoint
 from .contribution import modality_contributions
-from .evaluation import device_batch, evaluate, split_loader
+from .evaluation import device_batch, evaluate, forward_options, split_loader
 from .feature_store import default_cache_root
+from .modality_dropout import drop_modalities
 from .optim import build_optimizer, build_scheduler
 from .progress import progress_bar
 from .setup import build_components, make_accelerator
@@ -325,14 +327,15 @@ class Trainer:
         acc = self.accelerator
         t0 = time.perf_counter()
         step_loss = 0.0
+        modalities = self.model.backbone.modalities
+        rates = dropout_rates(self.cfg.modality_dropout, modalities)
         for j, batch in enumerate(micro):
             sync = j == len(micro) - 1
             with nullcontext() if sync else acc.no_sync(self.wrapped):
-                batch = device_batch(batch, acc.device)
+                seed = [self.cfg.seed, st.epoch, st.batch + j, acc.process_index]
+                batch = device_batch(drop_modalities(batch, rates, modalities, seed), acc.device)
                 with acc.autocast():
-                    outputs = self.wrapped(
-                        batch["inputs"], cached=batch.get("cached", False), ids=batch.get("ids")
-                    )
+                    outputs = self.wrapped(batch["inputs"], **forward_options(batch))
                     loss = self.task.loss(outputs, batch)
                 step_loss += self._checked_loss(loss, st, st.batch + j, batch) / len(micro)
                 acc.backward(loss / len(micro))
