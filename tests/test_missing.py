@@ -247,3 +247,51 @@ def test_every_method_evaluates_with_a_modality_missing(case, tmp_path):
     clean = evaluate_run(str(tmp_path))
     absent = evaluate_run(str(tmp_path), missing={"image": 1.0})
     assert absent != clean and all(np.isfinite(v) for v in absent.values())
+
+
+def test_manifest_empty_cells_train_the_same_with_and_without_the_prefix_cache(tmp_path):
+    import json
+
+    from mmpeft.data.base import DataError, build_reader
+    from mmpeft.train import Trainer
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        y = i % 2
+        row = {
+            "a": (rng.normal(size=(3, 4)) + y).round(3).tolist(),
+            "b": (rng.normal(size=(2, 5)) - y).round(3).tolist(),
+        }
+        if i % 5 == 1:
+            row["a"] = None
+        if i % 7 == 2 and row["a"] is not None:
+            row["b"] = ""
+        rows.append({**row, "label": y, "split": ["train", "val", "test"][i % 3]})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"root": str(tmp_path / "m.jsonl"), "columns": {"a": "a", "b": "b"}}
+    train = build_reader("manifest", data).split("train")
+    assert train[2]["inputs"]["a"] is None and train[2]["inputs"]["b"] is not None  # row i = 6
+
+    def config(cache: bool) -> dict:
+        encoders = {
+            "a": {"type": "features", "config": {"input_dim": 4, "dim": 16, "depth": 2, "heads": 2}},
+            "b": {"type": "features", "config": {"input_dim": 5, "dim": 16, "depth": 2, "heads": 2}},
+        }
+        methods = [{"name": "lora", "r": 2, "layers": [-1]}]
+        train = {"epochs": 2, "batch_size": 8, "tensorboard": False, "prefix_cache": cache, "cache_dir": ""}
+        return {"model": {"encoders": encoders, "methods": methods}, "task": {"name": "classification"},
+                "data": {"name": "manifest", **data}, "train": train}  # fmt: skip
+
+    plain = Trainer(config(False), str(tmp_path / "plain")).fit()
+    cached = Trainer(config(True), str(tmp_path / "cached")).fit()
+    assert cached["test"] == pytest.approx(plain["test"], abs=1e-6)
+    rows[0]["a"] = rows[0]["b"] = None
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"line 1: every input column \['a', 'b'\] is empty"):
+        build_reader("manifest", data).split("train")
+    rows[0]["a"] = [[0.0, 0.0, 0.0, 0.0]]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data["columns"]["b"] = "bb"
+    with pytest.raises(DataError, match=r"'b' \(column 'bb'\) is empty in every row"):
+        build_reader("manifest", data).split("train")

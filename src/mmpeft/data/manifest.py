@@ -150,21 +150,20 @@ class ManifestReader(DatasetReader):
                     (path, ln, r) for ln, r in self.table(path)
                 ]
         for split, rows in out.items():
-            seen = set()
-            for path, line, row in rows:
-                have = [m for m, col in self.cfg.columns.items() if not empty(row.get(col))]
-                if not have:
-                    cols = list(self.cfg.columns.values())
-                    raise DataError(
-                        f"{path}, line {line}: every input column {cols} is empty; nothing to use"
-                    )
-                seen.update(have)
-                self.cell(row, self.cfg.label_column, path, line, "label")
+            cols = self.cfg.columns
             never = [
-                f"{m!r} (column {col!r})" for m, col in self.cfg.columns.items() if m not in seen and rows
+                f"{m!r} (column {c!r})"
+                for m, c in cols.items()
+                if rows and all(empty(r.get(c)) for *_, r in rows)
             ]
             if never:  # more likely a misspelt column than a modality that no example has
                 raise DataError(f"manifest split {split!r}: {', '.join(never)} is empty in every row")
+            for path, line, row in rows:
+                if all(empty(row.get(c)) for c in cols.values()):
+                    raise DataError(
+                        f"{path}, line {line}: every input column {list(cols.values())} is empty; nothing to use"
+                    )
+                self.cell(row, self.cfg.label_column, path, line, "label")
         self._rows = out
         return out
 

@@ -238,7 +238,7 @@ class PrefixCache:
     def nbytes(self) -> int:
         seen, total = set(), 0
         for rows in self.rows.values():
-            for t, _ in rows:
+            for t, _ in filter(None, rows):  # None: an example without that input
                 if id(t) not in seen:
                     seen.add(id(t))
                     total += t.numel() * t.element_size()

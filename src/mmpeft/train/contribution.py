@@ -35,7 +35,9 @@ class ReplacedInput(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         ex = self.dataset[i]
-        other = self.dataset[self.source[i]]["inputs"][self.modality]
+        other = self.dataset[self.source[i]]["inputs"].get(self.modality)
+        if other is None:  # the donor lacks it too: the example keeps its own (or its absence)
+            return ex
         return {**ex, "inputs": {**ex["inputs"], self.modality: other}}
 
 
@@ -45,10 +47,13 @@ def replaced(source, modality: str, perm: list[int]):
         out = PrefixCache(source.step)
         out.layout, out.targets, out.ids = source.layout, source.targets, source.ids
         out.rows = dict(source.rows)
-        out.rows[modality] = [source.rows[modality][j] for j in perm]
+        rows = source.rows[modality]
+        # a donor without the input leaves the example its own row (or its absence), as above
+        take = [j if rows[j] is not None else i for i, j in enumerate(perm)]
+        out.rows[modality] = [rows[j] for j in take]
         out.absent = dict(source.absent)
         if modality in out.absent:
-            out.absent[modality] = [source.absent[modality][j] for j in perm]
+            out.absent[modality] = [source.absent[modality][j] for j in take]
         return out
     return ReplacedInput(source, modality, perm)
 
