@@ -295,3 +295,13 @@ def test_manifest_empty_cells_train_the_same_with_and_without_the_prefix_cache(t
     data["columns"]["b"] = "bb"
     with pytest.raises(DataError, match=r"'b' \(column 'bb'\) is empty in every row"):
         build_reader("manifest", data).split("train")
+
+
+def test_cached_and_raw_scoring_agree_with_modalities_missing(dropout_run):
+    from mmpeft.train.evaluation import RunEvaluator
+
+    cached, raw = RunEvaluator(str(dropout_run)), RunEvaluator(str(dropout_run))
+    raw.train_cfg.prefix_cache = False
+    for missing in (None, {"image": 0.5}, {"text": 0.7, "image": 0.7}):
+        assert cached.score(missing=missing) == pytest.approx(raw.score(missing=missing), abs=1e-9)
+    assert cached.caches and not raw.caches

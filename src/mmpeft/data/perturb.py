@@ -92,10 +92,13 @@ class MissingDataset(torch.utils.data.Dataset):
         ex = self.dataset[i]
         already = set(ex.get("absent", ()))
         had = [m for m, x in ex["inputs"].items() if x is not None and m not in already]
-        draws = {
-            m: np.random.default_rng([self.seed, i, zlib.crc32(m.encode())]).random() for m in self.rates
-        }
-        lost = {m for m in had if m in self.rates and draws[m] < self.rates[m]}
-        if had and lost == set(had):
-            lost.discard(max(had, key=lambda m: draws[m]))
-        return {**ex, "absent": sorted(already | lost)}
+        return {**ex, "absent": sorted(already | drawn_missing(i, had, self.rates, self.seed))}
+
+
+def drawn_missing(i: int, had: list[str], rates: dict[str, float], seed: int) -> set[str]:
+    """The modalities example ``i`` loses of those it ``had`` (see ``MissingDataset``)."""
+    draws = {m: np.random.default_rng([seed, i, zlib.crc32(m.encode())]).random() for m in rates}
+    lost = {m for m in had if m in rates and draws[m] < rates[m]}
+    if had and lost == set(had):
+        lost.discard(max(had, key=lambda m: draws[m]))
+    return lost

@@ -10,10 +10,11 @@ import torch
 
 from ..adapter_io import load_adapter
 from ..data.base import DataError, StandIns, collate_examples
-from ..data.perturb import MissingDataset, NoisyDataset
+from ..data.perturb import MissingDataset, NoisyDataset, drawn_missing
 from ..run_config import read_yaml
 from .batches import IndexDataset, make_loader, sequential_batches, to_device
-from .cache import PrefixCache, TrainModule
+from .cache import PrefixCache, TrainModule, cacheable_step, open_stores
+from .feature_store import default_cache_root
 from .progress import progress_bar
 from .setup import build_components, make_accelerator
 
@@ -82,6 +83,7 @@ class RunEvaluator:
         self.accelerator = make_accelerator(self.train_cfg)
         self.module = TrainModule(self.comps.model).to(self.accelerator.device)
         self.splits: dict = {}
+        self.caches: dict[str, PrefixCache] = {}
 
     @property
     def modalities(self) -> list[str]:
@@ -103,21 +105,55 @@ class RunEvaluator:
                 f"{self.modalities}"
             )
 
+    def cached(self, name: str) -> PrefixCache | None:
+        """The split's prefix-cache states when the run used the cache (read from the shared store,
+        computed where it lacks them), else None."""
+        cfg, model, acc = self.train_cfg, self.comps.model, self.accelerator
+        if not cfg.prefix_cache:
+            return None
+        if name not in self.caches:
+            step = cacheable_step(model, self.comps.reader)
+            root = default_cache_root() if cfg.cache_dir is None else cfg.cache_dir
+            stores = open_stores(model, step, root, str(acc.mixed_precision))
+            bs = cfg.eval_batch_size or cfg.batch_size
+            dataset = self.split(name)
+            self.caches[name] = PrefixCache.build(model, dataset, step, bs, acc.device, acc.autocast, stores)
+            self.module.start_step = step
+        return self.caches[name]
+
     def score(
         self, split: str = "test", noise: dict | None = None, missing: dict | None = None, seed: int = 0
     ) -> dict[str, float]:
         """``noise`` ({modality: level}) adds Gaussian noise to those raw inputs, ``missing``
-        ({modality: rate}) removes them from that fraction of the examples (``data.perturb``)."""
-        dataset = self.split(split)
+        ({modality: rate}) removes them from that fraction of the examples (``data.perturb``).
+        A run trained with the prefix cache is scored from it, unless noise changes the inputs."""
         if noise:
             self.check_modalities(noise, "--noise")
-            dataset = NoisyDataset(dataset, noise, seed)
         if missing:
             self.check_modalities(missing, "--missing")
-            dataset = MissingDataset(dataset, missing, seed)
+        cache = None if noise else self.cached(split)
+        if cache is not None:
+            dataset = cache_with_missing(cache, missing, seed) if missing else cache
+        else:
+            dataset = self.split(split)
+            dataset = NoisyDataset(dataset, noise, seed) if noise else dataset
+            dataset = MissingDataset(dataset, missing, seed) if missing else dataset
         cfg, acc = self.train_cfg, self.accelerator
         batch_size = cfg.eval_batch_size or cfg.batch_size
         return evaluate(self.module, self.comps.task, dataset, batch_size, acc.device, acc.autocast)
+
+
+def cache_with_missing(cache: PrefixCache, rates: dict[str, float], seed: int) -> PrefixCache:
+    """The cached split with modalities removed at ``rates``: the same draws as ``MissingDataset``."""
+    out = PrefixCache(cache.step)
+    out.layout, out.targets, out.ids, out.rows = cache.layout, cache.targets, cache.ids, cache.rows
+    marks = {m: list(cache.absent.get(m) or [False] * len(cache)) for m in cache.rows}
+    for i in range(len(cache)):
+        had = [m for m in cache.rows if cache.rows[m][i] is not None and not marks[m][i]]
+        for m in drawn_missing(i, had, rates, seed):
+            marks[m][i] = True
+    out.absent = marks
+    return out
 
 
 def evaluate_run(
