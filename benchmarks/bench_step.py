@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py                    # ViT-B/16 + BERT-base (random weights), CPU
     python benchmarks/bench_step.py --toy              # a 12-layer toy pair (widths 384/512): fast
     python benchmarks/bench_step.py --device cuda --mixed-precision bf16
+    python benchmarks/bench_step.py --toy --compile inductor --methods lora,pmf   # torch.compile'd
 
 For each method, with and without ``gradient_checkpointing``: trainable parameters, the step time
 (forward + cross-entropy + backward + AdamW, median of ``--repeats``) over the no-grad forward time
@@ -17,7 +18,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import time
 
 import torch
@@ -71,16 +71,18 @@ def case(method: str, checkpointing: bool, args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
     autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
-    forward = forward_time(model, inputs, args.repeats, args.device, autocast)
+    runner = torch.compile(model, backend=args.compile) if args.compile else model  # warmed up below
+    forward = forward_time(runner, inputs, args.repeats, args.device, autocast)
 
     def logits():
         with autocast():
-            return model(inputs)["logits"].float()
+            return runner(inputs)["logits"].float()
 
     numbers = train_step_numbers(model, logits, args.batch, 10, args.device, args.repeats)
     return {
         "method": method,
         "checkpointing": "yes" if checkpointing else "no",
+        "compile": args.compile or "no",
         "forward_s": forward,
         "ratio": numbers["step_time_s"] / forward,
         **numbers,
@@ -98,13 +100,19 @@ def main() -> None:
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--toy", action="store_true", help="a 12-layer toy pair instead of ViT-B + BERT-base")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--compile", metavar="BACKEND", help="torch.compile forward and step (e.g. inductor)")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
         method, ckpt = args.only.split(",")
         print(json.dumps(case(method, ckpt == "1", args)))
         return
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--methods") and "," not in a]
+    passthrough = [
+        *("--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq)),
+        *("--repeats", str(args.repeats), "--mixed-precision", args.mixed_precision),
+        *(["--toy"] if args.toy else []),
+        *(["--compile", args.compile] if args.compile else []),
+    ]
     rows = [
         isolated(__file__, ["--only", f"{m},{int(c)}", *passthrough])
         for m in args.methods.split(",")
@@ -119,6 +127,7 @@ def main() -> None:
         [
             ("method", "method", ""),
             ("checkpointing", "checkpointing", ""),
+            ("compile", "compile", ""),
             ("trainable", "trainable", ","),
             ("forward_s", "no-grad forward (s)", ".3f"),
             ("step_time_s", "train step (s)", ".3f"),

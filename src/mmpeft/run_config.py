@@ -62,6 +62,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each trainable block step in backward instead of storing its activations (less
     memory for methods in many layers, about one more forward of the trainable region in time)."""
+    compile: bool = False
+    """torch.compile the training forward (and so its backward); evaluation stays eager."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor (generated kernels; the CPU needs a C++ compiler) or e.g.
+    aot_eager (traced, no code generation)."""
     cpu: bool = False
     """Train on the CPU even when a GPU is available."""
     patience: int = 0
@@ -111,6 +116,8 @@ RUNTIME_ONLY = {
     "tensorboard",
     "log_every_steps",
     "cache_dir",
+    "compile",
+    "compile_backend",
 }
 
 

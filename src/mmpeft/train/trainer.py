@@ -174,6 +174,15 @@ class Trainer:
         optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(optimizer, self.cfg, self.total_steps)
         self.wrapped, self.optimizer = acc.prepare(self.module, optimizer)
+        # what a training step calls: the prepared module, compiled when asked (no_sync stays on wrapped)
+        self.step_module = self.wrapped
+        if self.cfg.compile:
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.cfg.compile_backend not in backends:
+                raise ConfigError(
+                    f"train.compile_backend {self.cfg.compile_backend!r} is not one of {backends}"
+                )
+            self.step_module = torch.compile(self.wrapped, backend=self.cfg.compile_backend)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.prefix_cache:
             self._build_caches()
@@ -335,7 +344,7 @@ class Trainer:
                 seed = [self.cfg.seed, st.epoch, st.batch + j, acc.process_index]
                 batch = device_batch(drop_modalities(batch, rates, modalities, seed), acc.device)
                 with acc.autocast():
-                    outputs = self.wrapped(batch["inputs"], **forward_options(batch))
+                    outputs = self.step_module(batch["inputs"], **forward_options(batch))
                     loss = self.task.loss(outputs, batch)
                 step_loss += self._checked_loss(loss, st, st.batch + j, batch) / len(micro)
                 acc.backward(loss / len(micro))
