@@ -66,5 +66,7 @@ def test_accelerate_launch_with_the_shipped_config_really_starts_two_processes(t
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(out, "metrics.json")) as f:
-        assert json.load(f)["world_size"] == 2
+        metrics = json.load(f)
+    assert metrics["world_size"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
     assert result.stderr.count("INFO epoch 0") == 1  # one log, from the main process
+    assert result.stdout.count('"trainable_params"') == 1  # one summary printed

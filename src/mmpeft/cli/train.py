@@ -70,6 +70,7 @@ def config_source(args: argparse.Namespace, saved: str, command: str, shown: str
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import is_main_process
     from ..train import Trainer
 
     source = config_source(args, os.path.join(args.output, "config.yaml"), "train", "DIR/config.yaml")
@@ -77,5 +78,6 @@ def run(args: argparse.Namespace) -> int:
     prepare_output(args.output, resume=args.resume, overwrite=args.overwrite, command="train")
     metrics = Trainer(config, args.output, resume=args.resume).fit()
     summary = {k: metrics[k] for k in ("trainable_params", "peak_memory_mb", "train_time_s", "val", "test")}
-    print(json.dumps(summary, indent=2))
+    if is_main_process():  # every process has the metrics; one prints them
+        print(json.dumps(summary, indent=2))
     return 0

@@ -567,6 +567,8 @@ class Trainer:
             "best_epoch": st.best_epoch,
             "stopped_early": st.stopped_early,
             "world_size": self.accelerator.num_processes,
+            # how the processes share the work: NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
+            "distributed_type": str(self.accelerator.distributed_type).rsplit(".", 1)[-1],
             "prefix_cache": getattr(self, "cache_info", None),
             "refit": getattr(self, "refit_info", None),
             "head_init": getattr(self, "head_init_info", None),
