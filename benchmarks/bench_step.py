@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--toy", action="store_true", help="a 12-layer toy pair instead of ViT-B + BERT-base")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--compile", metavar="BACKEND", help="torch.compile forward and step (e.g. inductor)")
+    parser.add_argument("--checkpointing", default="both", choices=["both", "no", "yes"])
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
@@ -116,8 +118,11 @@ def main() -> None:
     rows = [
         isolated(__file__, ["--only", f"{m},{int(c)}", *passthrough])
         for m in args.methods.split(",")
-        for c in (False, True)
+        for c in {"both": (False, True), "no": (False,), "yes": (True,)}[args.checkpointing]
     ]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
     pair = "12-layer toy pair (widths 384/512)" if args.toy else "ViT-B/16 + BERT-base (random weights)"
     print(
         f"{pair}, batch {args.batch}, {args.seq} text tokens, {args.device}, precision {args.mixed_precision}"
