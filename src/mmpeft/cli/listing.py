@@ -134,4 +134,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         )
     else:
         print(f"frozen prefix: none (trainable modules act from step {s})")
+    print(
+        f"absent modalities: model.missing={model.missing.strategy} (mmpeft list methods NAME says how each treats them)"
+    )
     return 0
