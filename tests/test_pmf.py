@@ -267,3 +267,51 @@ def test_prompt_counts_are_checked(bad):
     ):
         pmf_model(**bad)
     pmf_model(num_fusion_layers=1, num_qp=1, num_qcp=0, num_fcp=0)
+
+
+def reference_logits_lacking(model, batch, lacking: str, rows: torch.Tensor):
+    """``reference_logits`` for a batch whose ``rows`` lack modality ``lacking`` (model.missing=zeros):
+    its tokens are zero from the first fusion layer on, the other tower does not attend the queries
+    it sends, its final sequence is zero, and the average head averages the present modality only."""
+    enc, pmf = model.backbone.encoders, model.peft["pmf"]
+    K, (a, b) = len(pmf.layers), list(enc)
+    x = {m: enc[m].embed(batch[m]) for m in enc}
+    for m in enc:
+        for i in range(enc[m].num_layers - K):
+            x[m] = enc[m].run_block(i, x[m])
+    keep = (~rows).view(-1, 1, 1).to(x[lacking].tokens.dtype)
+    x[lacking] = x[lacking].replace(tokens=x[lacking].tokens * keep)
+    for j, layer in enumerate(pmf.layers):
+        index = {m: enc[m].num_layers - K + j for m in enc}
+        queries = {}
+        for src, dst in ((a, b), (b, a)):
+            pair = layer.pairs[src][dst]
+            B = x[src].tokens.shape[0]
+            prompts = torch.cat([pair.qcp, pair.qp]).expand(B, -1, -1)
+            z = enc[src].run_block(index[src], with_tokens(x[src], prompts)).tokens
+            queries[dst] = pair.mlp(z[:, -pair.qp.shape[0] :])
+        new = {}
+        for m in (a, b):
+            B, T = x[m].tokens.shape[:2]
+            fcp = getattr(layer.fcp, m).expand(B, -1, -1)
+            full = enc[m].run_block(index[m], with_tokens(x[m], torch.cat([fcp, queries[m]], dim=1)))
+            alone = enc[m].run_block(index[m], with_tokens(x[m], fcp))  # the queries left out
+            skip = rows.view(-1, 1, 1) if m != lacking else torch.zeros_like(rows).view(-1, 1, 1)
+            new[m] = x[m].replace(tokens=torch.where(skip, alone.tokens[:, :T], full.tokens[:, :T]))
+        x = new
+    pooled = {m: enc[m].pool(enc[m].finalize(x[m])) for m in (a, b)}
+    pooled[lacking] = pooled[lacking] * keep[:, 0]
+    heads = model.peft["head"].heads
+    both = (heads[a](pooled[a]) + heads[b](pooled[b])) / 2
+    other = a if lacking == b else b
+    return torch.where(rows.view(-1, 1), heads[other](pooled[other]), both)
+
+
+@pytest.mark.parametrize("lacking", ["text", "image"])
+def test_an_absent_modality_is_masked_as_written_out(lacking):
+    model, batch = pmf_model(num_qp=3, num_qcp=2, num_fcp=2), toy_batch(BACKBONES["pair"], batch_size=4)
+    rows = torch.tensor([False, True, False, True])
+    model.eval()
+    with torch.no_grad():
+        got = model(batch, absent={lacking: rows})["logits"]
+        torch.testing.assert_close(got, reference_logits_lacking(model, batch, lacking, rows))

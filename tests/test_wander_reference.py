@@ -213,3 +213,25 @@ def test_attach_builds_the_configured_mode_and_layers():
     assert list(layered) == ["1"]  # the last of the anchor (text) tower's 2 blocks
     assert list(wander(layers=[-2, -1]).peft["wander"]) == ["0", "1"]
     assert Wander.block_use(WanderConfig()) == "" and Wander.block_use(WanderConfig(layers=[-1])) == "some"
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_an_absent_modality_leaves_the_product(exact):
+    """Rows lacking 'b' (model.missing=zeros) fuse 'a' alone: the product over the present
+    modalities; with masks_absent off (a learned placeholder) they fuse like any row."""
+    core = WanderCore(DIMS, LENGTHS, k=3, r=4, d=6, rank=2, token_rank=2, exact=exact).double()
+    randomise(core)
+    states = padded_states()
+    absent = {"b": torch.tensor([True, False])}
+    marked = {m: s.replace(absent=absent) for m, s in states.items()}
+    fusion = WanderFusion(core, "a", "none", "first").double()
+    randomise(fusion)
+    alone = WanderCore({"a": 6}, {"a": 7}, k=3, r=4, d=6, rank=2, token_rank=2, exact=exact).double()
+    alone.factors["a"].load_state_dict(core.factors["a"].state_dict())
+    if exact:
+        alone.lam.data.copy_(core.lam.data)
+    got = fusion(marked, Pool())
+    torch.testing.assert_close(got[0], fusion.gate * reference_fusion(alone, {"a": states["a"]}, exact)[0, 0])
+    torch.testing.assert_close(got[1], fusion(states, Pool())[1])
+    fusion.masks_absent = False
+    torch.testing.assert_close(fusion(marked, Pool()), fusion(states, Pool()))
