@@ -71,7 +71,12 @@ def zero_absent(x: Tensor, states: Mapping[str, EncoderState], modality: str, ac
     rows = absent_rows(states, modality) if active else None
     if rows is None:
         return x
-    return x.masked_fill(rows.view(-1, *([1] * (x.dim() - 1))), 0.0)
+    return x.masked_fill(per_row(rows, x.shape[0]).view(-1, *([1] * (x.dim() - 1))), 0.0)
+
+
+def per_row(marks: Tensor, rows: int) -> Tensor:
+    """(B,) marks for a tensor of ``rows`` = k·B rows (a video tower's B·N frames): each repeated k times."""
+    return marks if rows == marks.shape[0] else marks.repeat_interleave(rows // marks.shape[0])
 
 
 def present_weights(states: Mapping[str, EncoderState], modalities: list[str], like: Tensor) -> Tensor:
@@ -151,7 +156,7 @@ class MissingModalities(nn.Module):
         for m, s in states.items():
             tokens = s.tokens
             if m in marks:
-                rows = marks[m].to(tokens.device).view(-1, 1, 1)  # (B, 1, 1)
+                rows = per_row(marks[m].to(tokens.device), tokens.shape[0]).view(-1, 1, 1)  # (B, 1, 1)
                 value = (
                     tokens.new_zeros(()) if self.placeholder is None else self.placeholder[m].to(tokens.dtype)
                 )

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..encoders.base import EncoderState
+from ..encoders.video import refuse_frame_batches
 from ..heads import MLPHead
 from ..missing import absent_rows, present_weights
 from ..registry import register_method
@@ -223,6 +224,7 @@ class PMF(Method):
             raise ValueError("pmf: num_fusion_layers and num_qp must be >= 1, num_qcp and num_fcp >= 0")
         backbone = model.backbone
         mods = cls.modalities(model, cfg)
+        refuse_frame_batches("pmf", backbone.encoders, mods)
         K = cfg.num_fusion_layers
         for m in mods:
             n = backbone.encoders[m].num_layers

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..encoders.base import Encoder, EncoderState, strip_prompts
 from ..encoders.features import FeatureTransformerConfig
+from ..encoders.video import refuse_frame_batches
 from ..registry import register_method
 from .base import BlockUse, Method, MethodConfig
 
@@ -297,6 +298,7 @@ class Wander(Method):
             fusion.masks_absent = model.missing.masks
             model.set_fusion(fusion)
             return fusion
+        refuse_frame_batches("wander with layers", encoders, mods)
         container = nn.ModuleDict()
         for i in model.backbone.resolve_layers(anchor, cfg.layers):
             layer = WanderLayer(make_core(), dims)

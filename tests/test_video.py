@@ -1,0 +1,121 @@
+"""Video: frame sampling, decoding (PyAV), the ``video`` encoder over an image tower, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmpeft import build_model
+from mmpeft.data.base import DataError
+from mmpeft.data.video import check_clip, decode_frames, read_clip, sample_indices, write_clip
+
+av = pytest.importorskip("av")
+
+TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def moving_bar(length: int = 10, size: int = 32) -> np.ndarray:
+    """Frame k has a white vertical bar at columns 3k..3k+2 (so a frame's index can be read back)."""
+    frames = np.zeros((length, size, size, 3), np.uint8)
+    for k in range(length):
+        frames[k, :, 3 * k : 3 * k + 3] = 255
+    return frames
+
+
+def bar_position(frame: np.ndarray) -> int:
+    return int(np.argmax(frame[..., 0].mean(0)) // 3)
+
+
+def test_uniform_and_segment_sampling():
+    assert sample_indices(10, 5) == [1, 3, 5, 7, 9]  # the middle of each of 5 segments of 2 frames
+    assert sample_indices(8, 1) == [4]
+    a = sample_indices(100, 8, "segment", np.random.default_rng(3))
+    b = sample_indices(100, 8, "segment", np.random.default_rng(3))
+    c = sample_indices(100, 8, "segment", np.random.default_rng(4))
+    assert a == b and a != c
+    assert all(12.5 * k <= i < 12.5 * (k + 1) for k, i in enumerate(a))  # one frame per segment
+    assert sample_indices(3, 6) == [0, 0, 1, 1, 2, 2]  # shorter than N: frames repeat, in order
+    assert sorted(set(sample_indices(3, 6, "segment", np.random.default_rng(0)))) == [0, 1, 2]
+    with pytest.raises(ValueError, match="at least one frame"):
+        sample_indices(0, 4)
+    with pytest.raises(ValueError, match="not one of"):
+        sample_indices(4, 2, "random")
+
+
+def test_a_written_clip_decodes_to_its_frames(tmp_path):
+    path = str(tmp_path / "bar.mp4")
+    write_clip(path, moving_bar())
+    frames = decode_frames(path)
+    assert frames.shape == (10, 32, 32, 3) and frames.dtype == np.uint8
+    assert [bar_position(f) for f in frames] == list(range(10))
+    assert [bar_position(f) for f in read_clip(path, 5)] == [1, 3, 5, 7, 9]
+    check_clip(path)
+
+
+def test_bad_clips_are_named(tmp_path):
+    with pytest.raises(DataError, match=r"row 3: video '.*nope\.mp4' not found"):
+        check_clip(str(tmp_path / "nope.mp4"), "row 3")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(DataError, match=r"row 4: cannot decode video '.*bad\.mp4'"):
+        decode_frames(str(tmp_path / "bad.mp4"), "row 4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.mp4"):
+        check_clip(str(tmp_path / "empty.mp4"))
+
+
+def video_model(frames: int = 4, methods=None):
+    torch.manual_seed(0)
+    video = {"type": "video", "config": TINY_VIT, "options": {"image_type": "timm_vit", "frames": frames}}
+    text = {"type": "toy", "config": {"input_dim": 8, "dim": 32, "depth": 2, "heads": 4}}
+    return build_model(
+        {"encoders": {"video": video, "text": text}, "methods": methods or [], "head": {"num_outputs": 3}}
+    )
+
+
+def test_frames_of_a_batch_run_in_lockstep_like_each_frame_alone(tmp_path):
+    pytest.importorskip("timm")
+    model = video_model(frames=4, methods=[{"name": "lora", "r": 2}]).eval()
+    with torch.no_grad():
+        for p in model.peft.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # LoRA acts (its B starts at zero)
+    enc = model.backbone.encoders["video"]
+    clips = [moving_bar(10), moving_bar(6)[::-1].copy()]
+    write_clip(str(tmp_path / "a.mp4"), clips[0])
+    inputs = enc.collate([str(tmp_path / "a.mp4"), clips[1]])  # a file and an array
+    assert inputs.shape == (8, 3, 32, 32)  # B·N frames through the tower's own transform
+    with torch.no_grad():
+        states = model.backbone({"video": inputs, "text": toy_text(2)})
+        pooled = enc.pool(states["video"])  # (B, D)
+        assert states["video"].tokens.shape == (2, 4 * 17, 32)  # (B, N·T, D): 16 patches + CLS per frame
+        frame_features = []
+        for f in range(8):  # each frame alone through the same adapted tower
+            single = model.backbone.encoders["video"].model
+            s = single.embed(inputs[f : f + 1])
+            for i in range(single.num_layers):
+                s = model.backbone.run_block("video", i, s)
+            frame_features.append(single.pool(single.finalize(s)))
+        expected = torch.cat(frame_features).reshape(2, 4, -1).mean(1)
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-6)
+
+
+def toy_text(batch: int) -> dict:
+    return {"values": torch.randn(batch, 5, 8), "attention_mask": torch.ones(batch, 5, dtype=torch.long)}
+
+
+def test_methods_that_pass_tokens_between_towers_refuse_a_video_tower():
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="pmf: tower 'video' runs 4 frames per example"):
+        video_model(methods=[{"name": "pmf", "num_fusion_layers": 1}])
+    with pytest.raises(ValueError, match="wander with layers: tower 'video'"):
+        video_model(methods=[{"name": "wander", "layers": [-1], "k": 2, "r": 2, "rank": 2}])
+    model = video_model(
+        methods=[{"name": "wander", "k": 2, "r": 2, "rank": 2, "max_len": {"video": 68, "text": 8}}]
+    )
+    out = model({"video": torch.rand(8, 3, 32, 32), "text": toy_text(2)})
+    assert out["logits"].shape == (2, 3)
+    absent = model(
+        {"video": torch.rand(8, 3, 32, 32), "text": toy_text(2)},
+        absent={"video": torch.tensor([True, False])},
+    )
+    assert torch.isfinite(absent["logits"]).all()
