@@ -119,3 +119,109 @@ def test_methods_that_pass_tokens_between_towers_refuse_a_video_tower():
         absent={"video": torch.tensor([True, False])},
     )
     assert torch.isfinite(absent["logits"]).all()
+
+
+# --- readers in the published layouts ------------------------------------------------------------
+def write_json(path, rows):
+    import json
+
+    path.write_text(json.dumps(rows))
+
+
+def test_video_text_reader_msrvtt_layout(tmp_path):
+    from mmpeft.data.base import build_reader
+
+    (tmp_path / "videos").mkdir()
+    for name in ("v1.mp4", "v2.mp4", "v3.mp4"):
+        write_clip(str(tmp_path / "videos" / name), moving_bar(4))
+    write_json(tmp_path / "msrvtt_train.json", [{"video": "v1.mp4", "caption": ["a bar moves", "white bar"]},
+                                                 {"video": "v2.mp4", "caption": "another bar"}])  # fmt: skip
+    write_json(tmp_path / "msrvtt_test.json", [{"video": "v3.mp4", "caption": "a test bar"}])
+    files = {"train": "msrvtt_train.json", "test": "msrvtt_test.json"}
+    reader = build_reader("video_text", {"root": str(tmp_path), "files": files, "video_dir": "videos"})
+    train = reader.split("train")
+    assert len(train) == 3 and train[1]["inputs"]["text"] == "white bar" and train[1]["target"] == "v1.mp4"
+    assert train[0]["inputs"]["video"].endswith("videos/v1.mp4")
+    assert reader.info() == {"num_items": {"train": 2, "test": 1}}
+    reader.check_files()
+    write_json(
+        tmp_path / "msrvtt_test.json", [{"video": "v9.mp4", "caption": "gone"}, {"caption": "no video"}]
+    )
+    with pytest.raises(
+        DataError, match=r"msrvtt_test.json, record 1: expected an object with \['video', 'caption'\]"
+    ):
+        build_reader("video_text", {"root": str(tmp_path), "files": files, "video_dir": "videos"}).split(
+            "test"
+        )
+    write_json(tmp_path / "msrvtt_test.json", [{"video": "v9.mp4", "caption": "gone"}])
+    broken = build_reader("video_text", {"root": str(tmp_path), "files": files, "video_dir": "videos"})
+    with pytest.raises(DataError, match=r"msrvtt_test.json, record 0: video '.*v9.mp4' not found"):
+        broken.check_files()
+
+
+def test_video_qa_reader_builds_the_answer_vocabulary_from_train(tmp_path):
+    from mmpeft.data.base import build_reader
+    from mmpeft.tasks.base import build_task
+
+    write_json(tmp_path / "qa_train.json", [{"video": "a.mp4", "question": "what?", "answer": "dog"},
+                                            {"video": "a.mp4", "question": "who?", "answer": "cat"},
+                                            {"video": "b.mp4", "question": "what?", "answer": "cat"}])  # fmt: skip
+    write_json(tmp_path / "qa_test.json", [{"video": "b.mp4", "question": "what?", "answer": "bird"}])
+    files = {"train": "qa_train.json", "test": "qa_test.json"}
+    reader = build_reader("video_qa", {"root": str(tmp_path), "files": files})
+    assert reader.info() == {"answers": ["cat", "dog"]}
+    assert build_reader("video_qa", {"root": str(tmp_path), "files": files, "max_answers": 1}).info() == {
+        "answers": ["cat"]
+    }
+    ex = reader.split("test")[0]
+    assert ex["inputs"]["text"] == "what?" and ex["target"] == ["bird"] and ex["id"] == "b.mp4:0"
+    assert build_task("vqa").num_outputs(reader.info()) == 2
+
+
+def test_the_digit_video_set_is_built_once_in_both_layouts(tmp_path):
+    from mmpeft.data.base import build_reader
+    from mmpeft.data.digit_videos import build_digit_videos
+
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    write_idx(mnist)
+    out = build_digit_videos(
+        str(mnist), str(tmp_path / "dv"), frames=6, sizes={"train": 6, "val": 2, "test": 3}
+    )
+    stamp = (tmp_path / "dv" / "build.json").stat().st_mtime_ns
+    build_digit_videos(str(mnist), out, frames=6, sizes={"train": 6, "val": 2, "test": 3})
+    assert (tmp_path / "dv" / "build.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    retrieval = build_reader("video_text", {"root": out}).split("test")
+    qa = build_reader("video_qa", {"root": out}).split("train")
+    assert len(retrieval) == 3 and len(qa) == 12
+    caption = retrieval[0]["inputs"]["text"]
+    digit, direction = caption.split(" moving ")
+    frames = decode_frames(retrieval[0]["inputs"]["video"])
+    assert frames.shape == (6, 64, 64, 3)
+    ys, xs = [], []
+    for f in frames:  # the bright pixels' centre moves the way the caption says
+        y, x = np.nonzero(f[..., 0] > 128)
+        ys.append(y.mean())
+        xs.append(x.mean())
+    moved = ("down" if ys[-1] - ys[0] > 10 else "up" if ys[0] - ys[-1] > 10 else "",
+             "to the right" if xs[-1] - xs[0] > 10 else "to the left" if xs[0] - xs[-1] > 10 else "")  # fmt: skip
+    assert direction == " and ".join(w for w in moved if w)
+    assert qa[0]["inputs"]["text"] == "which digit is moving?" and qa[1]["target"][0] in {
+        "up", "down", "to the left", "to the right", "up and to the left", "up and to the right",
+        "down and to the left", "down and to the right",
+    }  # fmt: skip
+
+
+def write_idx(folder) -> None:
+    """A tiny MNIST in the IDX .gz format: 6000 images of a filled square (so the test pool exists)."""
+    import gzip
+
+    n = 6000
+    images = np.zeros((n, 28, 28), np.uint8)
+    images[:, 8:20, 10:18] = 255
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    header = (0x00000803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + images.tobytes())
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write((0x00000801).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes())

@@ -1,0 +1,169 @@
+"""Video-language readers in the published annotation layouts, over a folder of clips.
+
+`video_text` (retrieval; MSR-VTT as released with BLIP / UniAdapter): one JSON file per split,
+a list of ``{"video": "<file>", "caption": "<text>" or ["<text>", ...]}``. For MSR-VTT the train
+file holds the 9k training videos with their captions and the test file the 1k-A split (one
+caption per video). Examples: one per caption, ``{"inputs": {video: path, text: caption},
+"target": video, "id": video}`` (captions of one video are all its positives).
+
+`video_qa` (MSRVTT-QA / MSVD-QA as released with ALPRO / UniAdapter): one JSON file per split, a
+list of ``{"video", "question", "answer"}``. The answer vocabulary is the training split's
+answers (the ``max_answers`` most frequent, ties by first appearance); a val/test answer outside
+it is kept and scores 0, as in open-ended VideoQA. Examples: ``{"inputs": {video: path, text:
+question}, "target": answer, "id": "<file>:<k>"}``.
+
+``video_dir`` (default: the annotation folder) holds the clips. With ``digits_from`` (a folder of
+MNIST IDX files) a missing set is first built there by ``data.digit_videos`` (the offline
+digit-video set); the shipped ``video-digits-*`` configs use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from ..registry import register_dataset
+from .base import DataError, DatasetReader, ExampleList, ReaderConfig, canonical_split, require_file
+
+
+@dataclass
+class VideoTextConfig(ReaderConfig):
+    """``root`` is the folder of the annotation files."""
+
+    files: dict = field(
+        default_factory=lambda: {"train": "train.json", "val": "val.json", "test": "test.json"}
+    )
+    """Split -> annotation file (relative to ``root``); splits without a file are absent."""
+    video_dir: str = ""
+    """Folder of the clips, relative to ``root`` ("" = ``root``); the ``video`` fields are relative to it."""
+    video_modality: str = "video"
+    """Modality name of the clips."""
+    text_modality: str = "text"
+    """Modality name of the captions or questions."""
+    digits_from: str | None = None
+    """Build the digit-video set (``data.digit_videos``) under ``root`` from this MNIST folder first."""
+
+
+@dataclass
+class VideoQAConfig(VideoTextConfig):
+    files: dict = field(
+        default_factory=lambda: {"train": "qa_train.json", "val": "qa_val.json", "test": "qa_test.json"}
+    )
+    """Split -> annotation file (relative to ``root``)."""
+    max_answers: int = 0
+    """Answer vocabulary size: the most frequent training answers (0: all of them)."""
+
+
+class VideoAnnotations(DatasetReader):
+    """What both readers share: annotation files per split, clip paths, checks."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._records: dict[str, list[dict]] | None = None
+
+    @property
+    def modalities(self) -> list[str]:
+        return [self.cfg.video_modality, self.cfg.text_modality]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(canonical_split(s, ("train", "val", "test"), self.name) for s in self.cfg.files)
+
+    def records(self) -> dict[str, list[dict]]:
+        if self._records is None:
+            if self.cfg.digits_from:
+                from .digit_videos import build_digit_videos
+
+                build_digit_videos(self.cfg.digits_from, self.cfg.root)
+            self._records = {}
+            for split, name in self.cfg.files.items():
+                path = require_file(os.path.join(self.cfg.root, name), f"{self.name} {split} annotations")
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        rows = json.load(f)
+                except (OSError, ValueError) as e:
+                    raise DataError(f"{path}: not a readable JSON file ({e})") from None
+                if not isinstance(rows, list):
+                    raise DataError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+                self._records[canonical_split(split, ("train", "val", "test"), self.name)] = [
+                    self.check_record(r, path, k) for k, r in enumerate(rows)
+                ]
+        return self._records
+
+    def check_record(self, row: Any, path: str, k: int) -> dict:
+        keys = self.required
+        if not isinstance(row, dict) or any(row.get(key) in (None, "", []) for key in keys):
+            raise DataError(f"{path}, record {k}: expected an object with {list(keys)}, got {row!r:.200}")
+        return row
+
+    def video_path(self, row: dict) -> str:
+        return os.path.join(self.cfg.root, self.cfg.video_dir, row["video"])
+
+    def check_files(self) -> None:
+        from .video import check_clip
+
+        for split, rows in self.records().items():
+            for k, row in enumerate(rows):
+                check_clip(self.video_path(row), f"{self.cfg.files[split]}, record {k}")
+
+
+@register_dataset("video_text")
+class VideoTextReader(VideoAnnotations):
+    config_class = VideoTextConfig
+    required = ("video", "caption")
+
+    def pairs(self, split: str) -> list[tuple[str, str]]:
+        out = []
+        for row in self.records()[split]:
+            captions = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
+            out += [(row["video"], c) for c in captions]
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"num_items": {s: len({r["video"] for r in rows}) for s, rows in self.records().items()}}
+
+    def split(self, name: str):
+        split = canonical_split(name, self.splits, self.name)
+        pairs = self.pairs(split)
+        return ExampleList(len(pairs), partial(self.example, pairs), f"video_text[{split}]")
+
+    def example(self, pairs: list, i: int) -> dict:
+        video, caption = pairs[i]
+        path = self.video_path({"video": video})
+        return {
+            "inputs": {self.cfg.video_modality: path, self.cfg.text_modality: caption},
+            "target": video,
+            "id": video,
+        }
+
+
+@register_dataset("video_qa")
+class VideoQAReader(VideoAnnotations):
+    config_class = VideoQAConfig
+    required = ("video", "question", "answer")
+
+    def answers(self) -> list[str]:
+        counts = Counter(str(r["answer"]) for r in self.records()["train"])
+        ranked = sorted(counts, key=lambda a: -counts[a])  # stable: ties keep first appearance
+        return ranked[: self.cfg.max_answers or None]
+
+    def info(self) -> dict[str, Any]:
+        if "train" not in self.records():
+            raise DataError(
+                f"{self.name}: the answer vocabulary comes from the train split, which has no file"
+            )
+        return {"answers": self.answers()}
+
+    def split(self, name: str):
+        split = canonical_split(name, self.splits, self.name)
+        rows = self.records()[split]
+        return ExampleList(len(rows), partial(self.example, rows), f"video_qa[{split}]")
+
+    def example(self, rows: list, i: int) -> dict:
+        row = rows[i]
+        inputs = {self.cfg.video_modality: self.video_path(row), self.cfg.text_modality: row["question"]}
+        return {"inputs": inputs, "target": [str(row["answer"])], "id": f"{row['video']}:{i}"}
