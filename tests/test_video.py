@@ -225,3 +225,18 @@ def write_idx(folder) -> None:
         f.write(header + images.tobytes())
     with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write((0x00000801).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes())
+
+
+def test_mnist_canvas_places_each_digit_at_a_fixed_position(tmp_path):
+    from mmpeft.data.base import DataError as Err
+    from mmpeft.data.base import build_reader
+
+    write_idx(tmp_path)
+    reader = build_reader("mnist", {"root": str(tmp_path), "canvas": 64})
+    a, b = reader.split("train")[0]["inputs"]["image"], reader.split("train")[0]["inputs"]["image"]
+    assert a.shape == (64, 64) and np.array_equal(a, b)  # fixed per image
+    assert a.sum() == pytest.approx(12 * 8)  # the whole 12x8 square is on the canvas
+    c = reader.split("train")[1]["inputs"]["image"]
+    assert not np.array_equal(np.argwhere(a > 0)[0], np.argwhere(c > 0)[0])  # positions differ
+    with pytest.raises(Err, match="canvas 20 is smaller"):
+        build_reader("mnist", {"root": str(tmp_path), "canvas": 20}).split("train")[0]

@@ -60,6 +60,10 @@ class MNISTConfig(ReaderConfig):
     another seed no MNIST image shares its exact noise field with an AV-MNIST input."""
     modality: str = "image"
     """Modality name of the digit images."""
+    canvas: int = 0
+    """> 0: each digit is placed on a black canvas of this size, at a position drawn per image
+    from a generator seeded by (noise_seed, index) (fixed, never redrawn): what a frame of the
+    digit-video set (``data.digit_videos``) looks like."""
     train_noise: Literal["fixed", "fresh"] = "fixed"
     """``fresh``: the train split draws new noise every time an image is read (augmentation for
     pre-training an image tower: a fixed noise field is memorised); val and test keep the fixed
@@ -89,6 +93,17 @@ def read_idx(path: str, magic: int) -> np.ndarray:
             f"{path}: {len(data)} bytes, expected {expected} for shape {shape} (truncated or corrupt)"
         )
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def on_canvas(x: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(28, 28) -> (size, size) zeros with ``x`` at a random position inside."""
+    h, w = x.shape
+    if size < max(h, w):
+        raise DataError(f"mnist: canvas {size} is smaller than the {h}x{w} digits")
+    y0, x0 = (int(v) for v in rng.integers(0, size - max(h, w) + 1, size=2))
+    out = np.zeros((size, size), dtype=x.dtype)
+    out[y0 : y0 + h, x0 : x0 + w] = x
+    return out
 
 
 def pixel_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -166,6 +181,8 @@ class MNISTReader(DatasetReader):
         if fresh:
             noise = self._fresh.standard_normal(x.shape).astype(np.float32)
             x = self._clean[r] + np.float32(self.cfg.noise_sigma) * noise
+        if self.cfg.canvas:
+            x = on_canvas(x, self.cfg.canvas, np.random.default_rng([self.cfg.noise_seed, r]))
         if self.cfg.image_format == "array":
             return x.copy()
         from ..optional import require
