@@ -113,6 +113,7 @@ class Trainer:
         self.cfg = comps.validated.train
         self.model.backbone.gradient_checkpointing = self.cfg.gradient_checkpointing
         may_skip = any(m.may_skip_params for m in self.model.methods.values())
+        may_skip |= self.model.missing.placeholder is not None  # unused in a batch where all is present
         self.accelerator = make_accelerator(self.cfg, find_unused_parameters=may_skip)
         self.generator = torch.Generator()
         self.best_state: dict | None = None
