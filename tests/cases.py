@@ -22,11 +22,18 @@ EQUAL = {
     "text": {"type": "toy", "config": {"input_dim": 8, "dim": 32, "depth": 2, "heads": 4}},
     "image": {"type": "toy", "config": {"input_dim": 6, "dim": 32, "depth": 3, "heads": 2}},
 }
+TINY_VIT = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+VIDEO = {  # 2 frames per clip through a tiny random timm ViT (needs timm)
+    "video": {"type": "video", "config": TINY_VIT, "options": {"image_type": "timm_vit", "frames": 2}},
+    "text": TOY["text"],
+}
 BACKBONES = {
     "pair": {m: TOY[m] for m in ("text", "image")},
     "triple": TOY,
     "pair_equal": EQUAL,
+    "video_pair": VIDEO,
 }
+VIDEO_METHODS = {"temporal"}  # methods that need a video tower: their cases run on video_pair only
 
 # method name -> options for the contract tests (small sizes; every option family exercised
 # somewhere). Extra variants of one method go under "name:variant".
@@ -59,6 +66,7 @@ METHOD_CASES: dict[str, dict] = {
     "pmf:concat": {"num_fusion_layers": 1, "num_qcp": 0, "head": "concat", "mlp_hidden": 8},
     "missing_prompts": {"num_prompts": 2},
     "missing_prompts:layers": {"num_prompts": 3, "layers": [0, -1], "modalities": ["text", "image"]},
+    "temporal": {},
     "pmf:frozen_fcp": {"num_qp": 1, "num_qcp": 1, "num_fcp": 1, "train_fcp": False},
 }
 
@@ -79,6 +87,10 @@ def toy_batch(encoders: dict, batch_size: int = 3, seed: int = 0) -> dict:
     batch = {}
     for j, (m, spec) in enumerate(encoders.items()):
         cfg = spec["config"]
+        if spec["type"] == "video":  # B clips of N frames: the frame tower's batch of B·N images
+            frames, size = spec["options"]["frames"], cfg["img_size"]
+            batch[m] = torch.rand(batch_size * frames, 3, size, size, generator=g)
+            continue
         T = min(cfg.get("max_len", 16), 5 + 2 * j)
         values = torch.randn(batch_size, T, cfg["input_dim"], generator=g)
         mask = torch.ones(batch_size, T, dtype=torch.long)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cases import BACKBONES, METHOD_CASES, method_entry, model_config, toy_batch
+from cases import BACKBONES, METHOD_CASES, VIDEO_METHODS, method_entry, model_config, toy_batch
 from mmpeft import METHODS, build_model, load_model_with_adapter, save_adapter
 
 
 def backbones_for(case: str) -> list[str]:
+    if case.split(":")[0] in VIDEO_METHODS:
+        return ["video_pair"]
     method = METHODS.get(case.split(":")[0])
     if method.needs_equal_width:
         return ["pair_equal"]

@@ -6,13 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from cases import BACKBONES, METHOD_CASES, method_entry, model_config, toy_batch
+from cases import BACKBONES, METHOD_CASES, VIDEO_METHODS, method_entry, model_config, toy_batch
 from mmpeft import METHODS, build_model
+
+
+def backbones_for(case: str) -> list[str]:
+    if case.split(":")[0] in VIDEO_METHODS:
+        return ["video_pair"]
+    return ["pair_equal"] if METHODS.get(case.split(":")[0]).needs_equal_width else ["pair", "triple"]
+
 
 MULTI = [
     (c, b)
     for c in METHOD_CASES
-    for b in (["pair_equal"] if METHODS.get(c.split(":")[0]).needs_equal_width else ["pair", "triple"])
+    for b in backbones_for(c)
     if not (METHOD_CASES[c].get("modalities") and len(METHOD_CASES[c]["modalities"]) < 2 and b == "triple")
 ]
 
@@ -31,12 +38,24 @@ def build(case: str, backbone: str, missing: str, seed: int = 0, jitter: bool = 
     return model
 
 
+def batch_size(batch: dict) -> int:
+    return next(x for x in batch.values() if isinstance(x, dict))["values"].shape[0]
+
+
 def rows(batch: dict, keep: list[int]) -> dict:
-    return {m: {k: v[keep] for k, v in x.items()} for m, x in batch.items()}
+    """The examples ``keep`` of a toy batch (a video input keeps those clips' frames)."""
+    B, out = batch_size(batch), {}
+    for m, x in batch.items():
+        if isinstance(x, torch.Tensor):  # (B·N, C, H, W) frames
+            n = x.shape[0] // B
+            out[m] = x[[j * n + f for j in keep for f in range(n)]]
+        else:
+            out[m] = {k: v[keep] for k, v in x.items()}
+    return out
 
 
 def absent_marks(batch: dict, lacking: str, which: list[int]) -> dict:
-    B = next(iter(batch.values()))["values"].shape[0]
+    B = batch_size(batch)
     mark = torch.zeros(B, dtype=torch.bool)
     mark[which] = True
     return {lacking: mark}

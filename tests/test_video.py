@@ -240,3 +240,25 @@ def test_mnist_canvas_places_each_digit_at_a_fixed_position(tmp_path):
     assert not np.array_equal(np.argwhere(a > 0)[0], np.argwhere(c > 0)[0])  # positions differ
     with pytest.raises(Err, match="canvas 20 is smaller"):
         build_reader("mnist", {"root": str(tmp_path), "canvas": 20}).split("train")[0]
+
+
+def test_temporal_embeddings_make_the_clip_feature_depend_on_frame_order():
+    pytest.importorskip("timm")
+    clip = torch.rand(4, 3, 32, 32)  # one clip of 4 frames
+    backwards = clip.flip(0)
+    plain = video_model(frames=4).eval()
+    timed = video_model(frames=4, methods=[{"name": "temporal"}]).eval()
+    with torch.no_grad():
+        timed.peft["temporal"]["video"].embedding.normal_()
+        feats = {}
+        for name, model in (("plain", plain), ("timed", timed)):
+            pooled = [
+                model.pooled(model.backbone({"video": x, "text": toy_text(1)}))["video"]
+                for x in (clip, backwards)
+            ]
+            feats[name] = pooled
+    torch.testing.assert_close(feats["plain"][0], feats["plain"][1], rtol=1e-5, atol=1e-6)  # order-blind
+    assert not torch.allclose(feats["timed"][0], feats["timed"][1], atol=1e-4)
+    with pytest.raises(ValueError, match="temporal: the model has no video tower"):
+        build_model({"encoders": {"text": {"type": "toy", "config": {"input_dim": 8, "dim": 32, "depth": 2,
+                     "heads": 4}}}, "methods": [{"name": "temporal"}], "head": {"num_outputs": 2}})  # fmt: skip
