@@ -262,3 +262,32 @@ def test_temporal_embeddings_make_the_clip_feature_depend_on_frame_order():
     with pytest.raises(ValueError, match="temporal: the model has no video tower"):
         build_model({"encoders": {"text": {"type": "toy", "config": {"input_dim": 8, "dim": 32, "depth": 2,
                      "heads": 4}}}, "methods": [{"name": "temporal"}], "head": {"num_outputs": 2}})  # fmt: skip
+
+
+def test_prefix_cache_keeps_each_clips_frames_together():
+    pytest.importorskip("timm")
+    import contextlib
+
+    from mmpeft.data.base import collate_examples
+    from mmpeft.train.cache import PrefixCache
+
+    model = video_model(frames=3, methods=[{"name": "lora", "r": 2, "layers": [-1]}]).eval()
+    with torch.no_grad():
+        for p in model.peft.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    data = [
+        {"inputs": {"video": rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8),
+                    "text": rng.normal(size=(4, 8)).astype(np.float32)}, "target": j % 3, "id": str(j)}
+        for j in range(5)
+    ]  # fmt: skip
+    step = model.backbone.first_trainable_step()
+    cache = PrefixCache.build(model, data, step, 2, "cpu", contextlib.nullcontext)
+    assert cache.frames == {"video": 3, "text": 1}
+    picked = [4, 1, 2]
+    cached = cache.collate(picked)
+    assert cached["inputs"]["video"].tokens.shape[0] == 9  # B·N frames again
+    with torch.no_grad():
+        from_cache = model(states=cached["inputs"], start_step=step)["logits"]
+        raw = model(collate_examples([data[i] for i in picked], model.backbone.encoders)["inputs"])["logits"]
+    torch.testing.assert_close(from_cache, raw, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..data.base import DataError, lacks
 from ..encoders.base import EncoderState
+from ..encoders.video import rows_per_example
 from .batches import to_device
 from .feature_store import FeatureStore, content_hash, encoder_fingerprint
 from .progress import progress_bar
@@ -124,6 +125,7 @@ class PrefixCache:
         self.targets: list[Any] = []
         self.ids: list[Any] = []
         self.absent: dict[str, list[bool]] = {}  # modality -> per example: it lacks the modality
+        self.frames: dict[str, int] = {}  # modality -> rows per example in the blocks (video: N frames)
         self.computed = 0  # distinct inputs computed (not found in the store) while building
         self.continued = 0  # of which continued from a store of fewer blocks, not from the raw input
 
@@ -138,6 +140,7 @@ class PrefixCache:
         """Read ``dataset`` once, compute the states of inputs the stores lack, then gather every row."""
         cache = cls(step)
         bb = model.backbone
+        cache.frames = {m: rows_per_example(e) for m, e in bb.encoders.items()}
         stores = stores or {m: MemoryStore() for m in bb.modalities}
         hashes = cache._read(dataset, bb.modalities)
         was_training = model.training
@@ -192,7 +195,7 @@ class PrefixCache:
             batch = enc.collate([dataset[first[h]]["inputs"][m] for h in chunk])
             with autocast():
                 state = run_blocks(bb, m, enc.embed(to_device(batch, device)), 0, n_blocks)
-            writer.add(m, chunk, state)
+            writer.add(m, chunk, per_example(state, self.frames[m]))
             bar.update(len(chunk))
         bar.close()
         writer.flush()
@@ -212,9 +215,10 @@ class PrefixCache:
                 state = EncoderState(
                     *_pad_rows([rows[h] for h in chunk]), n_prefix=n_prefix, n_prompt=n_prompt
                 )
+                state = per_frame(state, self.frames[m])
                 with autocast():
                     state = run_blocks(bb, m, to_device(state, device), k, n_blocks)
-                writer.add(m, chunk, state)
+                writer.add(m, chunk, per_example(state, self.frames[m]))
             self.continued += len(found)
             todo = [h for h in todo if h in absent]
         return todo
@@ -224,6 +228,7 @@ class PrefixCache:
         """The examples of several caches of the same step, in order (train+val for a refit)."""
         out = cls(caches[0].step)
         out.layout = dict(caches[0].layout)
+        out.frames = dict(caches[0].frames)
         for c in caches:
             if c.step != out.step or c.layout != out.layout:
                 raise CacheError("prefix caching: cannot join caches of different steps or layouts")
@@ -256,7 +261,8 @@ class PrefixCache:
             if any(marks):
                 absent[m] = torch.tensor(marks, dtype=torch.bool)
             n_prefix, n_prompt = self.layout[m]
-            inputs[m] = EncoderState(*_pad_rows(picked), n_prefix=n_prefix, n_prompt=n_prompt)
+            state = EncoderState(*_pad_rows(picked), n_prefix=n_prefix, n_prompt=n_prompt)
+            inputs[m] = per_frame(state, self.frames.get(m, 1))
         batch = {
             "inputs": inputs,
             "targets": [self.targets[i] for i in indices],
@@ -272,6 +278,25 @@ class PrefixCache:
         if row is None:
             raise CacheError(f"prefix caching: no example of this split has a {modality!r} input to stand in")
         return row
+
+
+def per_example(state: EncoderState, k: int) -> EncoderState:
+    """A block-level state of k rows per example (a video tower's frames) as one row per example:
+    (B·k, T, D) -> (B, k·T, D), so the store keeps each example's frames together."""
+    if k == 1:
+        return state
+    BK, T, D = state.tokens.shape
+    pad = None if state.pad_mask is None else state.pad_mask.reshape(BK // k, k * T)
+    return state.replace(tokens=state.tokens.reshape(BK // k, k * T, D), pad_mask=pad)
+
+
+def per_frame(state: EncoderState, k: int) -> EncoderState:
+    """The inverse of ``per_example``: (B, k·T, D) -> (B·k, T, D)."""
+    if k == 1:
+        return state
+    B, KT, D = state.tokens.shape
+    pad = None if state.pad_mask is None else state.pad_mask.reshape(B * k, KT // k)
+    return state.replace(tokens=state.tokens.reshape(B * k, KT // k, D), pad_mask=pad)
 
 
 def run_blocks(bb, modality: str, state: EncoderState, start: int, stop: int) -> EncoderState:

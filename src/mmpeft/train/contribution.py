@@ -45,7 +45,12 @@ def replaced(source, modality: str, perm: list[int]):
     """The split (a dataset or a prefix cache) with one modality's inputs permuted by ``perm``."""
     if isinstance(source, PrefixCache):
         out = PrefixCache(source.step)
-        out.layout, out.targets, out.ids = source.layout, source.targets, source.ids
+        out.layout, out.targets, out.ids, out.frames = (
+            source.layout,
+            source.targets,
+            source.ids,
+            source.frames,
+        )
         out.rows = dict(source.rows)
         rows = source.rows[modality]
         # a donor without the input leaves the example its own row (or its absence), as above

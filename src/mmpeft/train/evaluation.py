@@ -147,6 +147,7 @@ def cache_with_missing(cache: PrefixCache, rates: dict[str, float], seed: int) -
     """The cached split with modalities removed at ``rates``: the same draws as ``MissingDataset``."""
     out = PrefixCache(cache.step)
     out.layout, out.targets, out.ids, out.rows = cache.layout, cache.targets, cache.ids, cache.rows
+    out.frames = cache.frames
     marks = {m: list(cache.absent.get(m) or [False] * len(cache)) for m in cache.rows}
     for i in range(len(cache)):
         had = [m for m in cache.rows if cache.rows[m][i] is not None and not marks[m][i]]
