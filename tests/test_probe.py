@@ -148,3 +148,10 @@ def trainer_features(trainer) -> tuple[np.ndarray, np.ndarray]:
 
     feats, batches = collect(trainer, trainer.caches.get("train", trainer.train_set))
     return feats[FEATURES], targets_of(trainer.task, batches, trainer.model.head_config.num_outputs)
+
+
+def test_probe_on_vqa_fits_each_questions_top_answer():
+    """With one gold answer per question, the VQA probe is the classification probe."""
+    cls = Trainer(toy("method=probe", "model.methods.0.alphas=[1.0]")).fit()
+    vqa = Trainer(toy("method=probe", "model.methods.0.alphas=[1.0]", "task={name: vqa}")).fit()
+    assert vqa["test"]["vqa_accuracy"] == pytest.approx(cls["test"]["accuracy"])

@@ -94,8 +94,11 @@ def targets_of(task, batches: list[dict], n_out: int) -> np.ndarray:
         return np.concatenate([task.targets(b, n_out, cpu).numpy() for b in batches])
     if task.name == "regression":
         return np.concatenate([task.target_array(b, n_out) for b in batches])
+    if task.name == "vqa":  # the answer most annotators gave; -1 where none is in the vocabulary
+        scores = np.concatenate([task.soft_scores(b, n_out) for b in batches])
+        return np.where(scores.max(1) > 0, scores.argmax(1), -1)
     raise ValueError(
-        f"probe: task {task.name!r} is not supported (classification, multilabel, regression, retrieval)"
+        f"probe: task {task.name!r} is not supported (classification, multilabel, regression, retrieval, vqa)"
     )
 
 
@@ -168,7 +171,10 @@ class HeadProbe:
 
     def data(self, source) -> tuple[np.ndarray, np.ndarray]:
         feats, batches = collect(self.trainer, source)
-        return feats[FEATURES], targets_of(self.trainer.task, batches, self.linear.out_features)
+        y = targets_of(self.trainer.task, batches, self.linear.out_features)
+        if self.trainer.task.name == "vqa":  # questions whose answers are all outside the vocabulary
+            return feats[FEATURES][y >= 0], y[y >= 0]
+        return feats[FEATURES], y
 
     def fit(self, x: np.ndarray, y: np.ndarray, alpha: float) -> None:
         mean, std = standardise(x)
@@ -177,7 +183,7 @@ class HeadProbe:
         if self.solver == "ridge":
             target = np.eye(self.linear.out_features)[y] if task == "classification" else y
             w, b = fit_ridge(z, target.astype(np.float64), alpha)
-        elif task == "classification":
+        elif task in ("classification", "vqa"):  # vqa: a logistic fit to each question's top answer
             w, b = fit_logistic(z, y, self.linear.out_features, alpha, self.cfg.max_iter)
         elif task == "multilabel":
             w, b = fit_multilabel(z, y, alpha, self.cfg.max_iter)
