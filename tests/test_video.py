@@ -291,3 +291,23 @@ def test_prefix_cache_keeps_each_clips_frames_together():
         from_cache = model(states=cached["inputs"], start_step=step)["logits"]
         raw = model(collate_examples([data[i] for i in picked], model.backbone.encoders)["inputs"])["logits"]
     torch.testing.assert_close(from_cache, raw, rtol=1e-5, atol=1e-6)
+
+
+def test_training_clips_draw_one_frame_per_segment_afresh(tmp_path):
+    from mmpeft.data.base import build_reader
+
+    write_clip(str(tmp_path / "v.mp4"), moving_bar(10))
+    write_json(tmp_path / "train.json", [{"video": "v.mp4", "caption": "a bar"}])
+    write_json(tmp_path / "test.json", [{"video": "v.mp4", "caption": "a bar"}])
+    files = {"train": "train.json", "test": "test.json"}
+    reader = build_reader("video_text", {"root": str(tmp_path), "files": files, "train_frames": 5, "seed": 1})
+    assert reader.augments
+    train = reader.split("train")
+    draws = [[bar_position(f) for f in train[0]["inputs"]["video"]] for _ in range(6)]
+    assert all(2 * k <= d[k] < 2 * k + 2 for d in draws for k in range(5))  # one frame in each segment
+    assert len({tuple(d) for d in draws}) > 1  # drawn afresh on every read
+    again = build_reader("video_text", {"root": str(tmp_path), "files": files, "train_frames": 5, "seed": 1})
+    assert [bar_position(f) for f in again.split("train")[0]["inputs"]["video"]] == draws[0]  # seeded
+    assert isinstance(
+        reader.split("test")[0]["inputs"]["video"], str
+    )  # evaluation: the encoder's uniform frames

@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from ..registry import register_dataset
 from .base import DataError, DatasetReader, ExampleList, ReaderConfig, canonical_split, require_file
+from .video import read_clip
 
 
 @dataclass
@@ -46,6 +49,12 @@ class VideoTextConfig(ReaderConfig):
     """Modality name of the captions or questions."""
     digits_from: str | None = None
     """Build the digit-video set (``data.digit_videos``) under ``root`` from this MNIST folder first."""
+    train_frames: int = 0
+    """> 0: training clips are decoded here and this many frames drawn at random, one per equal
+    segment, afresh on every read (augmentation; rules out prefix caching; match the video
+    encoder's ``frames``). 0: every split yields paths, sampled uniformly by the encoder."""
+    seed: int = 0
+    """Seed of the training frame draws."""
 
 
 @dataclass
@@ -64,6 +73,16 @@ class VideoAnnotations(DatasetReader):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._records: dict[str, list[dict]] | None = None
+        self.augments = cfg.train_frames > 0
+        self._draws = np.random.default_rng(cfg.seed)  # the stream of training frame draws
+
+    def clip(self, row: dict, train: bool, where: str) -> Any:
+        """A clip path, or for training with ``train_frames`` its frames drawn one per segment."""
+        path = self.video_path(row)
+        if not (train and self.cfg.train_frames):
+            return path
+        seed = int(self._draws.integers(2**63))
+        return read_clip(path, self.cfg.train_frames, "segment", seed=seed, where=where)
 
     @property
     def modalities(self) -> list[str]:
@@ -129,13 +148,13 @@ class VideoTextReader(VideoAnnotations):
     def split(self, name: str):
         split = canonical_split(name, self.splits, self.name)
         pairs = self.pairs(split)
-        return ExampleList(len(pairs), partial(self.example, pairs), f"video_text[{split}]")
+        return ExampleList(len(pairs), partial(self.example, pairs, split == "train"), f"video_text[{split}]")
 
-    def example(self, pairs: list, i: int) -> dict:
+    def example(self, pairs: list, train: bool, i: int) -> dict:
         video, caption = pairs[i]
-        path = self.video_path({"video": video})
+        clip = self.clip({"video": video}, train, f"caption {i} (video {video})")
         return {
-            "inputs": {self.cfg.video_modality: path, self.cfg.text_modality: caption},
+            "inputs": {self.cfg.video_modality: clip, self.cfg.text_modality: caption},
             "target": video,
             "id": video,
         }
@@ -161,9 +180,10 @@ class VideoQAReader(VideoAnnotations):
     def split(self, name: str):
         split = canonical_split(name, self.splits, self.name)
         rows = self.records()[split]
-        return ExampleList(len(rows), partial(self.example, rows), f"video_qa[{split}]")
+        return ExampleList(len(rows), partial(self.example, rows, split == "train"), f"video_qa[{split}]")
 
-    def example(self, rows: list, i: int) -> dict:
+    def example(self, rows: list, train: bool, i: int) -> dict:
         row = rows[i]
-        inputs = {self.cfg.video_modality: self.video_path(row), self.cfg.text_modality: row["question"]}
+        clip = self.clip(row, train, f"question {i} (video {row['video']})")
+        inputs = {self.cfg.video_modality: clip, self.cfg.text_modality: row["question"]}
         return {"inputs": inputs, "target": [str(row["answer"])], "id": f"{row['video']}:{i}"}
