@@ -435,3 +435,19 @@ def test_max_tokens_is_the_token_count_of_a_collated_image(case):
     size = enc.model.pretrained_cfg.get("input_size", (3, 32, 32))
     batch = enc.collate([np.random.rand(*size).astype(np.float32)])
     assert enc.embed(batch).tokens.shape[1] == enc.max_tokens
+
+
+def test_gem_pooling_of_a_cnn_grid_is_the_generalised_mean():
+    needs_timm("timm_cnn")
+    from mmpeft.encoders.base import EncoderState
+
+    enc = ENCODERS.get("timm_cnn").from_config({}, modality="image", pooling="gem")
+    grid = torch.rand(2, 9, enc.dim) - 0.2  # some negative activations: clamped to ~0
+    expected = grid.clamp_min(1e-6).pow(3).mean(1).pow(1 / 3)
+    torch.testing.assert_close(enc.pool(EncoderState(grid)), expected)
+    assert (
+        enc.pool(EncoderState(grid))
+        >= ENCODERS.get("timm_cnn").from_config({}, modality="image").pool(EncoderState(grid.clamp_min(0)))
+    ).all()  # fmt: skip  (a power mean is at least the mean)
+    with pytest.raises(ValueError, match="pooling 'gem' is for CNN feature grids"):
+        ENCODERS.get("timm_vit").from_config({}, modality="image", pooling="gem")

@@ -35,6 +35,9 @@ from .timm_vit import (
 TINY_CNN = dict(model_name="test_efficientnet", num_classes=0)
 
 
+GEM_P = 3.0  # the generalised-mean exponent Radenović et al. fix for retrieval
+
+
 @register_encoder("timm_cnn")
 class TimmCNNEncoder(Encoder):
     """Adapter of a timm CNN with ``forward_features`` -> (B, C, H, W) (wrapped as is in ``self.model``)."""
@@ -50,8 +53,19 @@ class TimmCNNEncoder(Encoder):
                 f"encoder {modality!r}: a CNN feature grid has no class token; use pooling 'mean'"
             )
         self.dim = int(model.num_features)
+        self.pooling = self.options.pooling or "mean"
         self._transform = None
         model.eval()
+
+    def pool(self, state: EncoderState) -> Tensor:
+        """Mean over the grid cells, or with pooling 'gem' their generalised mean (p = 3)."""
+        if self.pooling != "gem":
+            return super().pool(state)
+        x = state.tokens.clamp_min(1e-6).pow(GEM_P)  # (B, H*W, C)
+        if state.pad_mask is not None:
+            keep = (~state.pad_mask).unsqueeze(-1).to(x.dtype)
+            return ((x * keep).sum(1) / keep.sum(1).clamp_min(1.0)).pow(1.0 / GEM_P)
+        return x.mean(1).pow(1.0 / GEM_P)  # (B, C)
 
     @property
     def max_tokens(self) -> int:

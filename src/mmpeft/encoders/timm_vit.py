@@ -40,16 +40,18 @@ TINY_VIT = dict(
 @dataclass
 class TimmOptions:
     pooling: str | None = None
-    """None: the model's own pooling; "cls" or "mean" overrides it."""
+    """None: the model's own pooling; "cls" or "mean" overrides it; "gem" (CNN grids only):
+    generalised mean, (mean of max(x, 0)^3)^(1/3) per channel (Radenović et al., TPAMI 2019,
+    arXiv 1711.02512)."""
     model_kwargs: dict = field(default_factory=dict)
     """Extra ``timm.create_model`` arguments for ``from_pretrained`` (e.g. ``img_size``)."""
 
 
 def parse_options(options: dict, modality: str) -> TimmOptions:
     opts = from_dict(TimmOptions, options, where=f"encoders.{modality}.options")
-    if opts.pooling not in (None, "cls", "mean"):
+    if opts.pooling not in (None, "cls", "mean", "gem"):
         raise ConfigError(
-            f"encoders.{modality}.options.pooling: {opts.pooling!r} is not one of None, 'cls', 'mean'"
+            f"encoders.{modality}.options.pooling: {opts.pooling!r} is not one of None, 'cls', 'mean', 'gem'"
         )
     return opts
 
@@ -161,6 +163,8 @@ class TimmViTEncoder(Encoder):
         self.num_layers = len(model.blocks)
         self.pre_norm = not any(isinstance(b, vit.ResPostBlock) for b in model.blocks)
         own = "cls" if model.global_pool == "token" else "mean"
+        if self.options.pooling == "gem":
+            raise ValueError(f"encoder {modality!r}: pooling 'gem' is for CNN feature grids (timm_cnn)")
         self.pooling = self.options.pooling or own
         self._transform = None
         model.eval()
