@@ -174,7 +174,7 @@ def test_video_qa_reader_builds_the_answer_vocabulary_from_train(tmp_path):
         "answers": ["cat"]
     }
     ex = reader.split("test")[0]
-    assert ex["inputs"]["text"] == "what?" and ex["target"] == ["bird"] and ex["id"] == "b.mp4:0"
+    assert ex["inputs"]["text"] == "what?" and ex["target"] == "bird" and ex["id"] == "b.mp4:0"
     assert build_task("vqa").num_outputs(reader.info()) == 2
 
 
@@ -206,7 +206,7 @@ def test_the_digit_video_set_is_built_once_in_both_layouts(tmp_path):
     moved = ("down" if ys[-1] - ys[0] > 10 else "up" if ys[0] - ys[-1] > 10 else "",
              "to the right" if xs[-1] - xs[0] > 10 else "to the left" if xs[0] - xs[-1] > 10 else "")  # fmt: skip
     assert direction == " and ".join(w for w in moved if w)
-    assert qa[0]["inputs"]["text"] == "which digit is moving?" and qa[1]["target"][0] in {
+    assert qa[0]["inputs"]["text"] == "which digit is moving?" and qa[1]["target"] in {
         "up", "down", "to the left", "to the right", "up and to the left", "up and to the right",
         "down and to the left", "down and to the right",
     }  # fmt: skip
@@ -311,3 +311,16 @@ def test_training_clips_draw_one_frame_per_segment_afresh(tmp_path):
     assert isinstance(
         reader.split("test")[0]["inputs"]["video"], str
     )  # evaluation: the encoder's uniform frames
+
+
+def test_a_single_gold_answer_scores_one_in_the_vqa_task(tmp_path):
+    from mmpeft.data.base import build_reader
+    from mmpeft.tasks.base import build_task
+
+    write_json(tmp_path / "qa_train.json", [{"video": "a.mp4", "question": "q", "answer": "dog"},
+                                            {"video": "a.mp4", "question": "q", "answer": "cat"}])  # fmt: skip
+    reader = build_reader("video_qa", {"root": str(tmp_path), "files": {"train": "qa_train.json"}})
+    task = build_task("vqa")
+    n = task.num_outputs(reader.info())
+    batch = {"targets": [reader.split("train")[i]["target"] for i in range(2)], "ids": ["0", "1"]}
+    assert task.soft_scores(batch, n).tolist() == [[1.0, 0.0], [0.0, 1.0]]  # vocabulary [dog, cat]: full marks

@@ -10,7 +10,8 @@ caption per video). Examples: one per caption, ``{"inputs": {video: path, text: 
 list of ``{"video", "question", "answer"}``. The answer vocabulary is the training split's
 answers (the ``max_answers`` most frequent, ties by first appearance); a val/test answer outside
 it is kept and scores 0, as in open-ended VideoQA. Examples: ``{"inputs": {video: path, text:
-question}, "target": answer, "id": "<file>:<k>"}``.
+question}, "target": answer, "id": "<file>:<k>"}``; one gold answer per question scores 1 in the
+``vqa`` task (not the 1/3 of one annotator out of VQA's ten).
 
 ``video_dir`` (default: the annotation folder) holds the clips. With ``digits_from`` (a folder of
 MNIST IDX files) a missing set is first built there by ``data.digit_videos`` (the offline
@@ -186,4 +187,4 @@ class VideoQAReader(VideoAnnotations):
         row = rows[i]
         clip = self.clip(row, train, f"question {i} (video {row['video']})")
         inputs = {self.cfg.video_modality: clip, self.cfg.text_modality: row["question"]}
-        return {"inputs": inputs, "target": [str(row["answer"])], "id": f"{row['video']}:{i}"}
+        return {"inputs": inputs, "target": str(row["answer"]), "id": f"{row['video']}:{i}"}
