@@ -1,28 +1,21 @@
-"""Video-language readers in the published annotation layouts, over a folder of clips.
+"""`video_text`: video-text retrieval annotations in the MSR-VTT layout, over a folder of clips.
 
-`video_text` (retrieval; MSR-VTT as released with BLIP / UniAdapter): one JSON file per split,
-a list of ``{"video": "<file>", "caption": "<text>" or ["<text>", ...]}``. For MSR-VTT the train
-file holds the 9k training videos with their captions and the test file the 1k-A split (one
-caption per video). Examples: one per caption, ``{"inputs": {video: path, text: caption},
-"target": video, "id": video}`` (captions of one video are all its positives).
-
-`video_qa` (MSRVTT-QA / MSVD-QA as released with ALPRO / UniAdapter): one JSON file per split, a
-list of ``{"video", "question", "answer"}``. The answer vocabulary is the training split's
-answers (the ``max_answers`` most frequent, ties by first appearance); a val/test answer outside
-it is kept and scores 0, as in open-ended VideoQA. Examples: ``{"inputs": {video: path, text:
-question}, "target": answer, "id": "<file>:<k>"}``; one gold answer per question scores 1 in the
-``vqa`` task (not the 1/3 of one annotator out of VQA's ten).
+One JSON file per split, a list of ``{"video": "<file>", "caption": "<text>" or ["<text>", ...]}``
+(MSR-VTT as released with BLIP / UniAdapter: the train file holds the 9k training videos with their
+captions, the test file the 1k-A split, one caption per video). Examples: one per caption,
+``{"inputs": {video: path, text: caption}, "target": video, "id": video}`` (captions of one video
+are all its positives).
 
 ``video_dir`` (default: the annotation folder) holds the clips. With ``digits_from`` (a folder of
 MNIST IDX files) a missing set is first built there by ``data.digit_videos`` (the offline
-digit-video set); the shipped ``video-digits-*`` configs use it.
+digit-video set); the shipped ``video-digits-*`` configs use it. ``VideoAnnotations`` here is what
+this reader and ``video_qa`` share.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -56,16 +49,6 @@ class VideoTextConfig(ReaderConfig):
     encoder's ``frames``). 0: every split yields paths, sampled uniformly by the encoder."""
     seed: int = 0
     """Seed of the training frame draws."""
-
-
-@dataclass
-class VideoQAConfig(VideoTextConfig):
-    files: dict = field(
-        default_factory=lambda: {"train": "qa_train.json", "val": "qa_val.json", "test": "qa_test.json"}
-    )
-    """Split -> annotation file (relative to ``root``)."""
-    max_answers: int = 0
-    """Answer vocabulary size: the most frequent training answers (0: all of them)."""
 
 
 class VideoAnnotations(DatasetReader):
@@ -159,32 +142,3 @@ class VideoTextReader(VideoAnnotations):
             "target": video,
             "id": video,
         }
-
-
-@register_dataset("video_qa")
-class VideoQAReader(VideoAnnotations):
-    config_class = VideoQAConfig
-    required = ("video", "question", "answer")
-
-    def answers(self) -> list[str]:
-        counts = Counter(str(r["answer"]) for r in self.records()["train"])
-        ranked = sorted(counts, key=lambda a: -counts[a])  # stable: ties keep first appearance
-        return ranked[: self.cfg.max_answers or None]
-
-    def info(self) -> dict[str, Any]:
-        if "train" not in self.records():
-            raise DataError(
-                f"{self.name}: the answer vocabulary comes from the train split, which has no file"
-            )
-        return {"answers": self.answers()}
-
-    def split(self, name: str):
-        split = canonical_split(name, self.splits, self.name)
-        rows = self.records()[split]
-        return ExampleList(len(rows), partial(self.example, rows, split == "train"), f"video_qa[{split}]")
-
-    def example(self, rows: list, train: bool, i: int) -> dict:
-        row = rows[i]
-        clip = self.clip(row, train, f"question {i} (video {row['video']})")
-        inputs = {self.cfg.video_modality: clip, self.cfg.text_modality: row["question"]}
-        return {"inputs": inputs, "target": str(row["answer"]), "id": f"{row['video']}:{i}"}
