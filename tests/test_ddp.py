@@ -52,21 +52,27 @@ def test_two_process_run_matches_one_process_with_the_global_batch(method, tmp_p
     assert ddp["test"]["accuracy"] == pytest.approx(single["test"]["accuracy"], abs=0.05)
 
 
-def test_accelerate_launch_with_the_shipped_config_really_starts_two_processes(tmp_path):
+def launch_two_cpu_processes(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``mmpeft train --config toy`` through ``accelerate launch`` with the shipped 2-process CPU
+    config; the finished process and its metrics.json."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = os.path.join(root, "examples", "accelerate", "cpu-2-processes.yaml")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     out = str(tmp_path / "run")
     cmd = [
         accelerate, "launch", "--config_file", config, "--main_process_port", str(free_port()),
-        "-m", "mmpeft.cli.main", "train", "--config", "toy", "train.cpu=true", "train.epochs=1",
-        "train.tensorboard=false", "--output", out,
+        "-m", "mmpeft.cli.main", "train", "--config", "toy", "train.cpu=true", "train.tensorboard=false",
+        *overrides, "--output", out,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(out, "metrics.json")) as f:
-        metrics = json.load(f)
+        return result, json.load(f)
+
+
+def test_accelerate_launch_with_the_shipped_config_really_starts_two_processes(tmp_path):
+    result, metrics = launch_two_cpu_processes(tmp_path, "train.epochs=1")
     assert metrics["world_size"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
     assert result.stderr.count("INFO epoch 0") == 1  # one log, from the main process
     assert result.stdout.count('"trainable_params"') == 1  # one summary printed
@@ -74,17 +80,7 @@ def test_accelerate_launch_with_the_shipped_config_really_starts_two_processes(t
 
 def test_two_processes_with_modality_dropout_and_a_learned_placeholder(tmp_path):
     """Batches where nothing is absent leave the placeholder without gradient: DDP must not hang."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = os.path.join(root, "examples", "accelerate", "cpu-2-processes.yaml")
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    out = str(tmp_path / "run")
-    cmd = [
-        accelerate, "launch", "--config_file", config, "--main_process_port", str(free_port()),
-        "-m", "mmpeft.cli.main", "train", "--config", "toy", "method=late_fusion", "train.cpu=true",
-        "train.epochs=2", "train.modality_dropout={image: 0.05}", "train.tensorboard=false", "--output", out,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(os.path.join(out, "metrics.json")) as f:
-        assert json.load(f)["world_size"] == 2
+    _, metrics = launch_two_cpu_processes(
+        tmp_path, "method=late_fusion", "train.epochs=2", "train.modality_dropout={image: 0.05}"
+    )
+    assert metrics["world_size"] == 2

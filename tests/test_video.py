@@ -323,4 +323,7 @@ def test_a_single_gold_answer_scores_one_in_the_vqa_task(tmp_path):
     task = build_task("vqa")
     n = task.num_outputs(reader.info())
     batch = {"targets": [reader.split("train")[i]["target"] for i in range(2)], "ids": ["0", "1"]}
-    assert task.soft_scores(batch, n).tolist() == [[1.0, 0.0], [0.0, 1.0]]  # vocabulary [dog, cat]: full marks
+    assert task.soft_scores(batch, n).tolist() == [
+        [1.0, 0.0],
+        [0.0, 1.0],
+    ]  # vocabulary [dog, cat]: full marks

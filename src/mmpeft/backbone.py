@@ -236,13 +236,27 @@ class LockstepBackbone(nn.Module):
     def finalize(self, states: States) -> States:
         return {m: self.encoders[m].finalize(s) for m, s in states.items()}
 
-    def forward(self, inputs: dict[str, Any]) -> States:
-        """Raw inputs per modality -> final states per modality (after each final norm)."""
+    def forward(
+        self,
+        inputs: dict[str, Any] | None = None,
+        states: States | None = None,
+        start: int = 0,
+        at_first_trainable: Callable[[States], States] | None = None,
+    ) -> States:
+        """Raw inputs per modality (or the states entering step ``start``) -> final states per
+        modality (after each final norm). ``at_first_trainable(states)`` rewrites the states where
+        the first trainable module acts, or where the given states start if later (the model
+        overwrites absent inputs there, ``mmpeft.missing``)."""
         first = self.first_trainable_step()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and first <= EMBED_STEP):
-            states = self.embed(inputs)
-        states = self.run_steps(states, 0, self.num_steps, first)
-        return self.finalize(states)
+        if states is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and first <= EMBED_STEP):
+                states = self.embed(inputs)
+            start = 0
+        if at_first_trainable is not None:
+            cut = max(first, start)
+            states = at_first_trainable(self.run_steps(states, start, cut, first))
+            start = cut
+        return self.finalize(self.run_steps(states, start, self.num_steps, first))
 
     @contextmanager
     def disabled(self) -> Iterator[None]:

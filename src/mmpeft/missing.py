@@ -101,14 +101,9 @@ def check_absent(
     marks = {m: a.bool() for m, a in absent.items() if a is not None and bool(a.any())}
     if not marks:
         return None
-    B = next(iter(marks.values())).shape[0]
-    none_left = torch.stack(
-        [
-            marks.get(m, torch.zeros(B, dtype=torch.bool, device=next(iter(marks.values())).device))
-            for m in modalities
-        ]
-    ).all(0)
-    if bool(none_left.any()):
+    # an example can lack everything only when every modality marks some example
+    none_left = torch.stack(list(marks.values())).all(0) if len(marks) == len(modalities) else None
+    if none_left is not None and bool(none_left.any()):
         j = int(none_left.nonzero()[0])
         who = ids[j] if ids is not None and j < len(ids) else j
         raise DataError(

@@ -13,12 +13,13 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .backbone import EMBED_STEP, LockstepBackbone, States
+from .backbone import LockstepBackbone, States
 from .config import ConfigError, from_dict
 from .encoders.base import Encoder, freeze
 from .heads import HeadConfig, MLPHead
@@ -251,12 +252,11 @@ class MultimodalModel(nn.Module):
         bb = self.backbone
         raw = inputs if states is None else None
         marks = check_absent(absent, bb.modalities, ids)
-        if marks is None and states is None:
-            states = bb(inputs)
-        elif marks is None:
-            states = bb.finalize(bb.run_steps(states, start_step, bb.num_steps))
-        else:
-            states = self.missing.finish(self._run_with_absent(inputs, states, start_step, marks, ids))
+        if marks is None:
+            states = bb(inputs, states, start_step)
+        else:  # nothing trainable may see the stand-ins in absent examples' slots
+            fill = partial(self.missing.fill, marks=marks, ids=ids)
+            states = self.missing.finish(bb(inputs, states, start_step, at_first_trainable=fill))
         feats = self.features(states)
         head = self.peft["head"] if "head" in self.peft else None
         if head is None:
@@ -268,20 +268,6 @@ class MultimodalModel(nn.Module):
         else:
             logits = head(feats)
         return {"logits": logits, "features": feats, "states": states}
-
-    def _run_with_absent(self, inputs, states, start_step: int, marks, ids) -> States:
-        """The backbone with absent examples' tokens overwritten where the first trainable module
-        acts (or where the given states start, if later): nothing trainable sees the stand-ins."""
-        bb = self.backbone
-        first = bb.first_trainable_step()
-        if states is None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and first <= EMBED_STEP):
-                states = bb.embed(inputs)
-            start_step = 0
-        cut = max(first, start_step)
-        states = bb.run_steps(states, start_step, cut, first)
-        states = self.missing.fill(states, marks, ids)
-        return bb.finalize(bb.run_steps(states, cut, bb.num_steps, first))
 
     def train(self, mode: bool = True) -> MultimodalModel:
         """Frozen encoders stay in eval mode (dropout off) unless their weights train."""

@@ -12,6 +12,7 @@ Sampling N frames of a clip of L frames (``sample_indices``):
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -40,8 +41,9 @@ def sample_indices(
     return [min(length - 1, int(p)) for p in points]
 
 
-def decode_frames(path: str, where: str = "") -> np.ndarray:
-    """Every frame of the clip's first video stream as (L, H, W, 3) uint8 RGB."""
+def decode_frames(path: str, where: str = "", limit: int | None = None) -> np.ndarray:
+    """The frames of the clip's first video stream (the first ``limit`` of them, or all) as
+    (L, H, W, 3) uint8 RGB; a missing, undecodable or frameless clip is a DataError."""
     av = require("av", "video")
     where = f"{where}: " if where else ""
     if not os.path.isfile(path):
@@ -50,7 +52,8 @@ def decode_frames(path: str, where: str = "") -> np.ndarray:
         with av.open(path) as container:
             if not container.streams.video:
                 raise DataError(f"{where}{path!r} has no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            decoded = itertools.islice(container.decode(video=0), limit)
+            frames = [f.to_ndarray(format="rgb24") for f in decoded]
     except DataError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
@@ -71,21 +74,7 @@ def read_clip(
 
 def check_clip(path: str, where: str = "") -> None:
     """The clip exists, opens and has a video stream with a first frame (a quick check)."""
-    av = require("av", "video")
-    where = f"{where}: " if where else ""
-    if not os.path.isfile(path):
-        raise DataError(f"{where}video {path!r} not found")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise DataError(f"{where}{path!r} has no video stream")
-            next(container.decode(video=0))
-    except StopIteration:
-        raise DataError(f"{where}video {path!r} has no frames") from None
-    except DataError:
-        raise
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise DataError(f"{where}cannot decode video {path!r} ({e})") from None
+    decode_frames(path, where, limit=1)
 
 
 def write_clip(path: str, frames: Any, fps: int = 8, codec: str = "mpeg4") -> None:

@@ -26,6 +26,7 @@ from ..config import ConfigError
 from ..encoders.base import EncoderState
 from ..registry import register_method
 from .base import Method, MethodConfig
+from .prompt import insert_after_prefix
 
 
 @dataclass
@@ -68,18 +69,9 @@ class MissingAwarePrompts(nn.Module):
 
     def insert(self, j: int, state: EncoderState) -> EncoderState:
         x = state.tokens  # (B, T, D)
-        B, P = x.shape[0], self.tokens.shape[2]
-        which = pattern_index(state.absent, self.modalities, B, x.device)  # (B,)
-        prompts = self.dropout(self.tokens[which, j]).to(x.dtype)  # (B, P, D)
-        a = state.n_prefix
-        rest = a + P if j > 0 else a  # deep: drop the previous block's prompt outputs
-        tokens = torch.cat([x[:, :a], prompts, x[:, rest:]], dim=1)  # (B, T', D)
-        pad = state.pad_mask
-        if pad is not None:
-            attendable = torch.zeros(B, P, dtype=torch.bool, device=pad.device)
-            pad = torch.cat([pad[:, :a], attendable, pad[:, rest:]], dim=1)  # (B, T')
-        n_prompt = state.n_prompt if j > 0 else state.n_prompt + P
-        return state.replace(tokens=tokens, pad_mask=pad, n_prompt=n_prompt)
+        which = pattern_index(state.absent, self.modalities, x.shape[0], x.device)  # (B,)
+        prompts = self.dropout(self.tokens[which, j]).to(x.dtype)  # (B, P, D): each example's pattern
+        return insert_after_prefix(state, prompts, replace=j > 0)  # deep: replace the previous set
 
 
 def inserter(prompts: MissingAwarePrompts, j: int):

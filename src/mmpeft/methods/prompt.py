@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..encoders.base import EncoderState
@@ -52,17 +52,24 @@ class Prompts(nn.Module):
     def insert(self, j: int, state: EncoderState, replace: bool) -> EncoderState:
         """Put prompt set j after the prefix; ``replace`` drops the previous set first."""
         x = state.tokens  # (B, T, D)
-        B, P = x.shape[0], self.tokens.shape[1]
-        prompts = self.dropout(self.tokens[j]).to(x.dtype).expand(B, -1, -1)  # (B, P, D)
-        a = state.n_prefix
-        rest = a + P if replace else a  # first token after the old prompts (if any are replaced)
-        tokens = torch.cat([x[:, :a], prompts, x[:, rest:]], dim=1)  # (B, T', D)
-        pad = state.pad_mask
-        if pad is not None:
-            attendable = torch.zeros(B, P, dtype=torch.bool, device=pad.device)
-            pad = torch.cat([pad[:, :a], attendable, pad[:, rest:]], dim=1)  # (B, T')
-        n_prompt = state.n_prompt if replace else state.n_prompt + P
-        return state.replace(tokens=tokens, pad_mask=pad, n_prompt=n_prompt)
+        prompts = self.dropout(self.tokens[j]).to(x.dtype).expand(x.shape[0], -1, -1)  # (B, P, D)
+        return insert_after_prefix(state, prompts, replace)
+
+
+def insert_after_prefix(state: EncoderState, prompts: Tensor, replace: bool) -> EncoderState:
+    """``prompts`` (B, P, D) right after the prefix tokens, always attendable; ``replace`` drops the
+    P prompt tokens a previous block's insertion left there (deep prompts)."""
+    x = state.tokens  # (B, T, D)
+    B, P = prompts.shape[:2]
+    a = state.n_prefix
+    rest = a + P if replace else a  # first token after the old prompts (if any are replaced)
+    tokens = torch.cat([x[:, :a], prompts, x[:, rest:]], dim=1)  # (B, T', D)
+    pad = state.pad_mask
+    if pad is not None:
+        attendable = torch.zeros(B, P, dtype=torch.bool, device=pad.device)
+        pad = torch.cat([pad[:, :a], attendable, pad[:, rest:]], dim=1)  # (B, T')
+    n_prompt = state.n_prompt if replace else state.n_prompt + P
+    return state.replace(tokens=tokens, pad_mask=pad, n_prompt=n_prompt)
 
 
 def inserter(prompts: Prompts, j: int, replace: bool):

@@ -13,6 +13,7 @@ Requirements (checked): the reader does not augment, the encoders keep no per-ba
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -238,6 +239,14 @@ class PrefixCache:
             out.ids += c.ids
             for m, marks in c.absent.items():
                 out.absent.setdefault(m, []).extend(marks)
+        return out
+
+    def with_changes(self, rows: dict | None = None, absent: dict | None = None) -> PrefixCache:
+        """A view of the same examples with some modalities' rows or absence marks replaced
+        (the rest, targets and ids shared, not copied)."""
+        out = copy.copy(self)
+        out.rows = {**self.rows, **(rows or {})}
+        out.absent = {**self.absent, **(absent or {})}
         return out
 
     def nbytes(self) -> int:

@@ -44,22 +44,14 @@ class ReplacedInput(Dataset):
 def replaced(source, modality: str, perm: list[int]):
     """The split (a dataset or a prefix cache) with one modality's inputs permuted by ``perm``."""
     if isinstance(source, PrefixCache):
-        out = PrefixCache(source.step)
-        out.layout, out.targets, out.ids, out.frames = (
-            source.layout,
-            source.targets,
-            source.ids,
-            source.frames,
-        )
-        out.rows = dict(source.rows)
         rows = source.rows[modality]
         # a donor without the input leaves the example its own row (or its absence), as above
         take = [j if rows[j] is not None else i for i, j in enumerate(perm)]
-        out.rows[modality] = [rows[j] for j in take]
-        out.absent = dict(source.absent)
-        if modality in out.absent:
-            out.absent[modality] = [source.absent[modality][j] for j in take]
-        return out
+        absent = source.absent.get(modality)
+        return source.with_changes(
+            rows={modality: [rows[j] for j in take]},
+            absent={} if absent is None else {modality: [absent[j] for j in take]},
+        )
     return ReplacedInput(source, modality, perm)
 
 

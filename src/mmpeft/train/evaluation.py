@@ -14,7 +14,7 @@ from ..data.perturb import MissingDataset, NoisyDataset, drawn_missing
 from ..run_config import read_yaml
 from .batches import IndexDataset, make_loader, sequential_batches, to_device
 from .cache import PrefixCache, TrainModule, cacheable_step, open_stores
-from .feature_store import default_cache_root
+from .feature_store import cache_root
 from .progress import progress_bar
 from .setup import build_components, make_accelerator
 
@@ -113,8 +113,7 @@ class RunEvaluator:
             return None
         if name not in self.caches:
             step = cacheable_step(model, self.comps.reader)
-            root = default_cache_root() if cfg.cache_dir is None else cfg.cache_dir
-            stores = open_stores(model, step, root, str(acc.mixed_precision))
+            stores = open_stores(model, step, cache_root(cfg.cache_dir), str(acc.mixed_precision))
             bs = cfg.eval_batch_size or cfg.batch_size
             dataset = self.split(name)
             self.caches[name] = PrefixCache.build(model, dataset, step, bs, acc.device, acc.autocast, stores)
@@ -145,16 +144,12 @@ class RunEvaluator:
 
 def cache_with_missing(cache: PrefixCache, rates: dict[str, float], seed: int) -> PrefixCache:
     """The cached split with modalities removed at ``rates``: the same draws as ``MissingDataset``."""
-    out = PrefixCache(cache.step)
-    out.layout, out.targets, out.ids, out.rows = cache.layout, cache.targets, cache.ids, cache.rows
-    out.frames = cache.frames
     marks = {m: list(cache.absent.get(m) or [False] * len(cache)) for m in cache.rows}
     for i in range(len(cache)):
         had = [m for m in cache.rows if cache.rows[m][i] is not None and not marks[m][i]]
         for m in drawn_missing(i, had, rates, seed):
             marks[m][i] = True
-    out.absent = marks
-    return out
+    return cache.with_changes(absent=marks)
 
 
 def evaluate_run(

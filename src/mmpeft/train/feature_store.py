@@ -45,6 +45,11 @@ def default_cache_root() -> str:
     return os.path.join(base, "mmpeft", "prefix")
 
 
+def cache_root(cache_dir: str | None) -> str:
+    """``train.cache_dir`` resolved: None means the default root, "" keeps states in memory."""
+    return default_cache_root() if cache_dir is None else cache_dir
+
+
 # --- fingerprints ---------------------------------------------------------------------------------
 def _feed(h: Any, item: Any) -> None:
     """Feed a raw input (text, path, image, array, tensor, containers of them) into hash ``h``."""

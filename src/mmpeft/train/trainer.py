@@ -43,7 +43,7 @@ from .cache import PrefixCache, TrainModule, cacheable_step, open_stores
 from .checkpointing import load_newest_readable, restore_rng, rng_state, save_checkpoint
 from .contribution import modality_contributions
 from .evaluation import device_batch, evaluate, forward_options, split_loader
-from .feature_store import default_cache_root
+from .feature_store import cache_root
 from .modality_dropout import drop_modalities
 from .optim import build_optimizer, build_scheduler
 from .progress import progress_bar
@@ -114,6 +114,7 @@ class Trainer:
         self.model.backbone.gradient_checkpointing = self.cfg.gradient_checkpointing
         may_skip = any(m.may_skip_params for m in self.model.methods.values())
         may_skip |= self.model.missing.placeholder is not None  # unused in a batch where all is present
+        self.modality_dropout = dropout_rates(self.cfg.modality_dropout, self.model.backbone.modalities)
         self.accelerator = make_accelerator(self.cfg, find_unused_parameters=may_skip)
         self.generator = torch.Generator()
         self.best_state: dict | None = None
@@ -207,7 +208,7 @@ class Trainer:
             return
         acc = self.accelerator
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
-        root = default_cache_root() if self.cfg.cache_dir is None else self.cfg.cache_dir
+        root = cache_root(self.cfg.cache_dir)
         precision = str(acc.mixed_precision)  # states computed under bf16 autocast differ
         stores = open_stores(self.model, self.cache_step, root, precision)
         computed = continued = 0
@@ -338,12 +339,13 @@ class Trainer:
         t0 = time.perf_counter()
         step_loss = 0.0
         modalities = self.model.backbone.modalities
-        rates = dropout_rates(self.cfg.modality_dropout, modalities)
         for j, batch in enumerate(micro):
             sync = j == len(micro) - 1
             with nullcontext() if sync else acc.no_sync(self.wrapped):
                 seed = [self.cfg.seed, st.epoch, st.batch + j, acc.process_index]
-                batch = device_batch(drop_modalities(batch, rates, modalities, seed), acc.device)
+                batch = device_batch(
+                    drop_modalities(batch, self.modality_dropout, modalities, seed), acc.device
+                )
                 with acc.autocast():
                     outputs = self.step_module(batch["inputs"], **forward_options(batch))
                     loss = self.task.loss(outputs, batch)
