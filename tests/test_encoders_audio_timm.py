@@ -451,3 +451,19 @@ def test_gem_pooling_of_a_cnn_grid_is_the_generalised_mean():
     ).all()  # fmt: skip  (a power mean is at least the mean)
     with pytest.raises(ValueError, match="pooling 'gem' is for CNN feature grids"):
         ENCODERS.get("timm_vit").from_config({}, modality="image", pooling="gem")
+
+
+def test_flip_average_is_the_mean_of_the_grid_and_the_mirror_images_grid_flipped_back():
+    needs_timm("timm_cnn")
+    plain = ENCODERS.get("timm_cnn").from_config({}, modality="image")
+    flipped = ENCODERS.get("timm_cnn").from_config({}, modality="image", flip_average=True)
+    flipped.model.load_state_dict(plain.model.state_dict())
+    pixels = torch.rand(2, 3, 64, 48)
+    with torch.no_grad():
+        a, b = plain.model.forward_features(pixels), plain.model.forward_features(pixels.flip(-1))
+        expected = ((a + b.flip(-1)) / 2).flatten(2).transpose(1, 2)
+        got = flipped.embed(pixels).tokens
+        torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, plain.embed(pixels).tokens)
+    with pytest.raises(ValueError, match="flip_average is for CNN feature grids"):
+        ENCODERS.get("timm_vit").from_config({}, modality="image", flip_average=True)

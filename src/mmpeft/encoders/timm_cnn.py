@@ -8,6 +8,7 @@ it joins the lockstep schedule only through its final tokens, so fusion methods,
 probes and late fusion work on it, while methods that act inside blocks (LoRA, adapters, prompts,
 PMF) must be restricted to the other modalities; ``block``/``linears``/``norms`` say so.
 Pooling is the mean over the grid, which equals timm's average-pool head features.
+``flip_average`` averages the grid with the horizontally mirrored image's grid (test-time augmentation).
 Preprocessing comes from the model's ``pretrained_cfg`` (e.g. EfficientNet-Lite: mean = std = 0.5).
 """
 
@@ -92,12 +93,15 @@ class TimmCNNEncoder(Encoder):
 
     def embed(self, inputs: Any) -> EncoderState:
         self.check_input(inputs)
-        grid = self.model.forward_features(pixel_values(inputs, self.modality))  # (B, C, H, W)
+        pixels = pixel_values(inputs, self.modality)  # (B, 3, H, W)
+        grid = self.model.forward_features(pixels)  # (B, C, h, w)
         if grid.ndim != 4 or grid.shape[1] != self.dim:
             raise ValueError(
                 f"encoder {self.modality!r}: forward_features gave {tuple(grid.shape)}, expected (B, {self.dim}, H, W)"
             )
-        return EncoderState(grid.flatten(2).transpose(1, 2))  # (B, H*W, C)
+        if self.options.flip_average:  # cell (i, j) of the mirror's grid, flipped back, sees cell (i, j)
+            grid = (grid + self.model.forward_features(pixels.flip(-1)).flip(-1)) / 2
+        return EncoderState(grid.flatten(2).transpose(1, 2))  # (B, h*w, C)
 
     def _no_blocks(self, what: str) -> RuntimeError:
         return RuntimeError(

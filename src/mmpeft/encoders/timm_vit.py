@@ -45,6 +45,10 @@ class TimmOptions:
     arXiv 1711.02512)."""
     model_kwargs: dict = field(default_factory=dict)
     """Extra ``timm.create_model`` arguments for ``from_pretrained`` (e.g. ``img_size``)."""
+    flip_average: bool = False
+    """CNN grids only: the grid is the mean of the image's grid and its mirror image's grid (flipped
+    back), the horizontal-flip test-time augmentation of image retrieval (e.g. Radenović et al.,
+    above); a frozen, deterministic feature, so the prefix cache holds it like any other."""
 
 
 def parse_options(options: dict, modality: str) -> TimmOptions:
@@ -165,6 +169,8 @@ class TimmViTEncoder(Encoder):
         own = "cls" if model.global_pool == "token" else "mean"
         if self.options.pooling == "gem":
             raise ValueError(f"encoder {modality!r}: pooling 'gem' is for CNN feature grids (timm_cnn)")
+        if self.options.flip_average:
+            raise ValueError(f"encoder {modality!r}: flip_average is for CNN feature grids (timm_cnn)")
         self.pooling = self.options.pooling or own
         self._transform = None
         model.eval()

@@ -31,9 +31,20 @@ class TaskConfig:
 
 
 class Meter:
+    wants_reference = False
+    """True for a meter whose metrics also need the model's outputs on the training split (the
+    retrieval task's hubness correction ranks against that reference bank): ``evaluate`` then
+    runs the split through ``reference_meter()`` first and hands it over with ``set_reference``."""
+
     def bind_model(self, model) -> None:
         """Called once before evaluation with the (unwrapped) model, for meters that need it
         (e.g. ITM re-ranking); nothing by default."""
+
+    def reference_meter(self) -> Meter:
+        raise NotImplementedError(f"{type(self).__name__} needs no reference split")
+
+    def set_reference(self, meter: Meter) -> None:
+        raise NotImplementedError(f"{type(self).__name__} needs no reference split")
 
     def update(self, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -153,8 +164,11 @@ class ArrayMeter(Meter):
             for key, value in self.collect(outputs, batch).items():
                 self.parts.setdefault(key, []).append(np.asarray(value))
 
-    def compute(self) -> dict[str, float]:
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything collected so far, {name: (N, ...)}."""
         if not self.parts:
             raise ValueError("meter.compute() called before any update()")
-        arrays = {k: np.concatenate(v, axis=0) for k, v in self.parts.items()}
-        return {k: float(v) for k, v in self.finish(arrays).items()}
+        return {k: np.concatenate(v, axis=0) for k, v in self.parts.items()}
+
+    def compute(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.finish(self.arrays()).items()}

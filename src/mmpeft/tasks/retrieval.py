@@ -23,6 +23,16 @@ per example, sampled from the in-batch ITC similarities (Li et al., BLIP, arXiv 
 the head computes inside the model's forward (``itm_logits``, ``itm_labels``). With ``rerank_k`` > 0
 evaluation re-ranks each query's top-k ITC candidates by the head's ITM score (``head.rerank``);
 candidates below the top k keep their ITC order.
+
+Hubness: a linear map between two embedding spaces (a ridge map, a projection head trained on a few
+hundred pairs) makes "hubs", items close to most queries, which then crowd every top-1. With
+``hubness: csls`` ranking uses cross-domain similarity local scaling (Conneau et al., "Word
+Translation Without Parallel Data", ICLR 2018, arXiv 1710.04087): 2 cos(q, g) - r(q) - r(g), with
+r(x) the mean cosine of x to its ``hubness_k`` nearest neighbours of the other modality. The
+neighbours come from a reference bank, the model's embeddings of the training split (the split the
+model was fitted on, train+val after a refit), so no evaluated item informs another's score: the
+querybank idea of Bogolin et al., "Cross Modal Retrieval with Querybank Normalisation", CVPR 2022,
+arXiv 2112.12777. ``evaluate`` supplies the bank (``Meter.wants_reference``).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -70,6 +80,11 @@ class RetrievalConfig(TaskConfig):
     UniAdapter/BLIP evaluation: 256 on COCO, 128 on Flickr30k); 0 ranks by ITC only."""
     rerank_batch_size: int = 128
     """Image-text pairs per ITM pass when re-ranking."""
+    hubness: Literal["none", "csls"] = "none"
+    """Ranking scores: "none" ranks by cosine; "csls" by 2 cos(q, g) - r(q) - r(g) with r the mean
+    cosine to the hubness_k nearest items of the other modality in the training split (see above)."""
+    hubness_k: int = 10
+    """Neighbours in the reference bank that measure an item's hubness (Conneau et al.: 10)."""
 
 
 class RetrievalHead(nn.Module):
@@ -126,14 +141,32 @@ def ranks_from_scores(sim: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray) -> 
 
 
 def positive_ranks(
-    query: np.ndarray, gallery: np.ndarray, q_ids: np.ndarray, g_ids: np.ndarray
+    query: np.ndarray,
+    gallery: np.ndarray,
+    q_ids: np.ndarray,
+    g_ids: np.ndarray,
+    hubness: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Per query, how many gallery items score strictly above its best positive (0 = top hit)."""
+    """Per query, how many gallery items score strictly above its best positive (0 = top hit).
+    ``hubness`` = (r of each query (Q,), r of each gallery item (G,)): rank by CSLS instead."""
     ranks = np.empty(len(query), dtype=np.int64)
     for s in range(0, len(query), 1024):  # blocks keep the (b, G) score matrix small
         sim = query[s : s + 1024] @ gallery.T  # (b, G)
+        if hubness is not None:
+            r_q, r_g = hubness
+            sim = 2 * sim - r_q[s : s + 1024, None] - r_g[None, :]
         ranks[s : s + 1024] = ranks_from_scores(sim, q_ids[s : s + 1024], g_ids)
     return ranks
+
+
+def neighbour_similarity(x: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """(N,) the mean cosine of each row of ``x`` to its ``k`` most similar rows of ``bank``."""
+    k = min(k, len(bank))
+    out = np.empty(len(x), dtype=np.float64)
+    for s in range(0, len(x), 1024):
+        sim = x[s : s + 1024] @ bank.T  # (b, N_bank)
+        out[s : s + 1024] = np.partition(sim, -k, axis=1)[:, -k:].mean(axis=1)
+    return out
 
 
 def gallery_rows(ids: list[Any], modalities: list[str], dedupe: list[str]):
@@ -155,15 +188,26 @@ def recall_metrics(ranks: dict[str, np.ndarray], ks: list[int]) -> dict[str, flo
 
 
 def retrieval_metrics(
-    emb: dict[str, np.ndarray], ids: list[Any], dedupe: list[str], ks: list[int]
+    emb: dict[str, np.ndarray],
+    ids: list[Any],
+    dedupe: list[str],
+    ks: list[int],
+    bank: dict[str, np.ndarray] | None = None,
+    hubness_k: int = 10,
 ) -> dict[str, float]:
-    """Recall@K both ways between the two modalities of ``emb`` ({m: (N, E)}), positives by id."""
+    """Recall@K both ways between the two modalities of ``emb`` ({m: (N, E)}), positives by id.
+    With a reference ``bank`` ({m: (N_m, E)}) the ranking is by CSLS against it."""
     (ma, xa), (mb, xb) = emb.items()
     idx, rows = gallery_rows(ids, [ma, mb], dedupe)
-    ra, rb = rows[ma], rows[mb]
+    a, b = xa[rows[ma]], xb[rows[mb]]
+    hub_ab = hub_ba = None
+    if bank is not None:
+        r_a = neighbour_similarity(a, bank[mb], hubness_k)  # how close each a sits to the b's
+        r_b = neighbour_similarity(b, bank[ma], hubness_k)
+        hub_ab, hub_ba = (r_a, r_b), (r_b, r_a)
     ranks = {
-        f"{ma}_to_{mb}": positive_ranks(xa[ra], xb[rb], idx[ra], idx[rb]),
-        f"{mb}_to_{ma}": positive_ranks(xb[rb], xa[ra], idx[rb], idx[ra]),
+        f"{ma}_to_{mb}": positive_ranks(a, b, idx[rows[ma]], idx[rows[mb]], hub_ab),
+        f"{mb}_to_{ma}": positive_ranks(b, a, idx[rows[mb]], idx[rows[ma]], hub_ba),
     }
     return recall_metrics(ranks, ks)
 
@@ -188,6 +232,12 @@ class RetrievalTask(Task):
             raise ValueError(f"retrieval: gallery_by_id names {unknown}, not one of {cfg.modalities}")
         if cfg.itm_weight < 0 or cfg.rerank_k < 0 or cfg.rerank_batch_size <= 0:
             raise ValueError("retrieval: itm_weight and rerank_k must be >= 0, rerank_batch_size > 0")
+        if cfg.hubness_k < 1:
+            raise ValueError(f"retrieval: hubness_k must be >= 1, got {cfg.hubness_k}")
+        if cfg.hubness != "none" and cfg.rerank_k > 0:
+            raise ValueError(
+                "retrieval: hubness corrects ITC ranking; it cannot be combined with rerank_k > 0"
+            )
 
     def num_outputs(self, info: dict[str, Any]) -> int:
         return 0  # the task installs its own head in prepare()
@@ -253,18 +303,45 @@ class RetrievalTask(Task):
     def meter(self) -> Meter:
         if self.cfg.rerank_k > 0:
             return RerankMeter(self)
-        ma, mb = self.cfg.modalities
+        return EmbeddingMeter(self, hubness=self.cfg.hubness != "none")
 
-        def collect(outputs, batch):
-            a, b, _ = self.embeddings(outputs)
-            ids = self.batch_ids(batch, a.shape[0])
-            return {ma: to_numpy(a), mb: to_numpy(b), "ids": np.array(ids, dtype=object)}
 
-        def finish(arrays):
-            emb = {ma: arrays[ma], mb: arrays[mb]}
-            return retrieval_metrics(emb, list(arrays["ids"]), self.dedupe, self.cfg.ks)
+class EmbeddingMeter(ArrayMeter):
+    """Recall@K of the ITC embeddings; with ``hubness`` the scores are CSLS against the training
+    split's embeddings, which ``evaluate`` collects with ``reference_meter()``."""
 
-        return ArrayMeter(collect, finish)
+    def __init__(self, task: RetrievalTask, hubness: bool = False):
+        super().__init__(self.embeddings, self.metrics)
+        self.task = task
+        self.wants_reference = hubness
+        self.bank: dict[str, np.ndarray] | None = None
+
+    def embeddings(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        a, b, _ = self.task.embeddings(outputs)
+        ids = self.task.batch_ids(batch, a.shape[0])
+        ma, mb = self.task.cfg.modalities
+        return {ma: to_numpy(a), mb: to_numpy(b), "ids": np.array(ids, dtype=object)}
+
+    def reference_meter(self) -> EmbeddingMeter:
+        return EmbeddingMeter(self.task)
+
+    def set_reference(self, meter: Meter) -> None:
+        """The bank: ``meter``'s embeddings, one per id for the modalities kept by id."""
+        arrays = meter.arrays()
+        modalities = self.task.cfg.modalities
+        _, rows = gallery_rows(list(arrays["ids"]), modalities, self.task.dedupe)
+        self.bank = {m: arrays[m][rows[m]] for m in modalities}
+
+    def metrics(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        if self.wants_reference and self.bank is None:
+            raise ValueError(
+                "retrieval: hubness 'csls' ranks against the training split's embeddings; "
+                "evaluate(..., reference=<training split>) must supply them"
+            )
+        ma, mb = self.task.cfg.modalities
+        emb = {ma: arrays[ma], mb: arrays[mb]}
+        cfg = self.task.cfg
+        return retrieval_metrics(emb, list(arrays["ids"]), self.task.dedupe, cfg.ks, self.bank, cfg.hubness_k)
 
 
 class RerankMeter(Meter):

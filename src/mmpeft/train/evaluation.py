@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch.utils.data import ConcatDataset
 
 from ..adapter_io import load_adapter
 from ..data.base import DataError, StandIns, collate_examples
@@ -40,19 +41,44 @@ def forward_options(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(module: TrainModule, task, source, batch_size: int, device, autocast, num_workers=0) -> dict:
+def evaluate(
+    module: TrainModule, task, source, batch_size: int, device, autocast, num_workers=0, reference=None
+) -> dict:
     """Metrics of ``task`` over every example of ``source`` (a split dataset or a prefix cache).
 
-    Every meter gets the model first (``bind_model``): it may run it again when
-    computing (the retrieval task's ITM re-ranking); ``compute`` runs in eval mode under autocast."""
+    Every meter gets the model first (``bind_model``): it may run it again when computing (the
+    retrieval task's ITM re-ranking); ``compute`` runs in eval mode under autocast. A meter that
+    ranks against the training split (``wants_reference``: retrieval's hubness correction) gets
+    the model's outputs on ``reference`` (that split or its prefix cache, or a function that returns
+    it, called only then) first."""
     was_training = module.training
     module.eval()
     meter = task.meter()
     meter.bind_model(module.model)
+    try:
+        if meter.wants_reference:
+            if reference is None:
+                raise ValueError(
+                    f"task {task.name!r}: its metrics rank against the training split, and none was given"
+                )
+            reference = reference() if callable(reference) else reference
+            bank = meter.reference_meter()
+            run_split(module, bank, reference, batch_size, device, autocast, num_workers, "reference")
+            meter.set_reference(bank)
+        run_split(module, meter, source, batch_size, device, autocast, num_workers, "evaluating")
+        with autocast():
+            metrics = meter.compute()
+    finally:
+        module.train(was_training)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def run_split(module: TrainModule, meter, source, batch_size, device, autocast, num_workers, label) -> None:
+    """Feed the model's outputs on every example of ``source`` to ``meter``, in order."""
     batches = sequential_batches(len(source), batch_size)
     # a private generator: evaluating never draws from the global RNG (resumed runs stay exact)
     loader = split_loader(source, batches, module.model.backbone.encoders, num_workers, torch.Generator())
-    bar = progress_bar(len(batches), "evaluating")
+    bar = progress_bar(len(batches), label)
     try:
         for batch in loader:
             bar.update(1)
@@ -60,12 +86,8 @@ def evaluate(module: TrainModule, task, source, batch_size: int, device, autocas
             with autocast():
                 outputs = module(batch["inputs"], **forward_options(batch))
             meter.update(outputs, batch)
-        with autocast():
-            metrics = meter.compute()
     finally:
         bar.close()
-        module.train(was_training)
-    return {k: float(v) for k, v in metrics.items()}
 
 
 class RunEvaluator:
@@ -139,7 +161,24 @@ class RunEvaluator:
             dataset = MissingDataset(dataset, missing, seed) if missing else dataset
         cfg, acc = self.train_cfg, self.accelerator
         batch_size = cfg.eval_batch_size or cfg.batch_size
-        return evaluate(self.module, self.comps.task, dataset, batch_size, acc.device, acc.autocast)
+        return evaluate(
+            self.module,
+            self.comps.task,
+            dataset,
+            batch_size,
+            acc.device,
+            acc.autocast,
+            reference=self.reference,
+        )
+
+    def reference(self):
+        """The examples the run's model was fitted on (train, plus val when it was refitted), for
+        metrics that rank against them; from the prefix cache when the run used one."""
+        names = ["train", "val"] if self.train_cfg.refit and "val" in self.comps.reader.splits else ["train"]
+        parts = [self.split(n) if self.cached(n) is None else self.cached(n) for n in names]
+        if len(parts) == 1:
+            return parts[0]
+        return PrefixCache.concat(parts) if isinstance(parts[0], PrefixCache) else ConcatDataset(parts)
 
 
 def cache_with_missing(cache: PrefixCache, rates: dict[str, float], seed: int) -> PrefixCache:

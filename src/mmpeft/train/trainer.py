@@ -122,6 +122,7 @@ class Trainer:
         self.cache_step = 0
         self.caches: dict[str, PrefixCache] = {}
         self.progress_label = ""  # prefixes the progress bar (bench: the method and seed)
+        self.fitted_on_val = False  # set once a refit (train.refit) has fitted the model on train+val
 
     # --- setup --------------------------------------------------------------------------------
     @property
@@ -280,6 +281,7 @@ class Trainer:
         st.epoch, st.done = len(st.history), True
         st.loop_time = time.perf_counter() - t0
         self.best_state = None  # the model holds the chosen fit (refitted on train+val with train.refit)
+        self.fitted_on_val = self.cfg.refit and self.val_set is not None
         for h in st.history:
             log.info(
                 "probe alpha %g: val %s%s", h["alpha"], fmt(h["val"]), " (chosen)" if h.get("chosen") else ""
@@ -300,6 +302,7 @@ class Trainer:
         weights = adapter_state_dict(refit.model)
         self.model.load_state_dict(to_model_device(weights, self.accelerator.device), strict=False)
         self.best_state = None
+        self.fitted_on_val = True
         self.refit_info = {"epochs": epochs, "train_examples": len(refit.train_set),
                            "train_time_s": time.perf_counter() - t0, "steps": result["steps"]}  # fmt: skip
         return self._finish(st)
@@ -430,7 +433,29 @@ class Trainer:
     def _evaluate(self, source) -> dict[str, float]:
         acc = self.accelerator
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
-        return evaluate(self.module, self.task, source, bs, acc.device, acc.autocast, self.cfg.num_workers)
+        return evaluate(
+            self.module,
+            self.task,
+            source,
+            bs,
+            acc.device,
+            acc.autocast,
+            self.cfg.num_workers,
+            self._reference,
+        )
+
+    def _reference(self):
+        """The examples the model was fitted on, for metrics that rank against them (retrieval's
+        hubness correction): train, or train+val once a refit has trained on both."""
+        train = self.caches.get("train", self.train_set)
+        if not self.fitted_on_val:
+            return train
+        val = self.caches.get("val", self.val_set)
+        return (
+            PrefixCache.concat([train, val])
+            if isinstance(train, PrefixCache)
+            else ConcatDataset([train, val])
+        )
 
     def _select(self, st: TrainState, metrics: dict[str, float]) -> None:
         """Keep the adapter of the best validation score (the last one without a val split)."""
