@@ -171,7 +171,19 @@ class BlipTextTower(HFBlipEncoder):
         bias = additive_attention_mask(state.pad_mask, state.tokens.dtype)  # (B, 1, 1, T)
         image = state.extras.get("encoder_hidden_states")  # (B, N, D_v) or None
         image_bias = additive_attention_mask(state.extras.get("encoder_pad_mask"), state.tokens.dtype)
-        out = self.block(i)(state.tokens, image, attention_mask=bias, encoder_attention_mask=image_bias)
+        block = self.block(i)
+        key_scale = state.extras.get("image_key_scale")  # (B, N) or None: frame-aware attention
+        hook = None
+        if image is not None and key_scale is not None:
+            scale = key_scale.unsqueeze(-1)  # (B, N, 1): every head's key of image token n scaled alike
+            hook = block.crossattention.self.key.register_forward_hook(
+                lambda _m, _a, k: k * scale.to(k.dtype)
+            )
+        try:
+            out = block(state.tokens, image, attention_mask=bias, encoder_attention_mask=image_bias)
+        finally:
+            if hook is not None:
+                hook.remove()
         return state.replace(tokens=out)
 
     def block(self, i: int) -> nn.Module:
@@ -196,9 +208,21 @@ class BlipTextTower(HFBlipEncoder):
             norms["ln_cross"] = b.crossattention.output.LayerNorm
         return norms
 
-    def with_image(self, state: EncoderState, image: Tensor, image_pad: Tensor | None = None) -> EncoderState:
-        """The state with image tokens (B, N, D_v) to cross-attend to (the ITM mode)."""
-        extras = {**state.extras, "encoder_hidden_states": image, "encoder_pad_mask": image_pad}
+    def with_image(
+        self,
+        state: EncoderState,
+        image: Tensor,
+        image_pad: Tensor | None = None,
+        key_scale: Tensor | None = None,
+    ) -> EncoderState:
+        """The state with image tokens (B, N, D_v) to cross-attend to (the ITM mode); ``key_scale``
+        (B, N) multiplies each image token's cross-attention key (UniAdapter's frame-aware attention)."""
+        extras = {
+            **state.extras,
+            "encoder_hidden_states": image,
+            "encoder_pad_mask": image_pad,
+            "image_key_scale": key_scale,
+        }
         return state.replace(extras=extras)
 
     def reference_forward(self, inputs: Any) -> Tensor:

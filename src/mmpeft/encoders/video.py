@@ -78,6 +78,15 @@ class VideoEncoder(Encoder):
         image = ENCODERS.get(opts.image_type).from_config(config, modality=modality, **opts.image_options)
         return cls(image, modality, opts.frames)
 
+    @property
+    def blip_tower(self) -> str:
+        """ "vision" when the frames run through BLIP's vision tower (the BLIP retrieval head applies)."""
+        return getattr(self.model, "blip_tower", "")
+
+    @property
+    def blip(self) -> nn.Module | None:
+        return getattr(self.model, "blip", None)
+
     # --- the image tower's blocks, on B·N frames ------------------------------------------------
     def embed(self, inputs: Any) -> EncoderState:
         return self.model.embed(inputs)

@@ -66,6 +66,9 @@ class UniAdapterConfig(MethodConfig):
     """On BLIP towers, install the checkpoint's retrieval head (vision_proj, text_proj, itm_head)."""
     itc_temperature: float = 0.07
     """ITC temperature of the BLIP head (BLIP's initial value; HF checkpoints do not carry it)."""
+    frame_aware: bool = True
+    """BLIP route with a video vision tower: frame-aware attention in ITM's cross-attention (each
+    frame's patch keys weighted by the text's similarity to that frame; parameter-free)."""
 
 
 class UniAdapterModule(nn.Module):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 NOT_RANKED = -100.0  # score of candidates outside the top-k (the released evaluation's fill value)
+FRAME_TEMPERATURE = 4.0  # frame-aware attention: softmax over frames of similarity / 4 (released med.py)
 
 
 class BlipRetrievalHead(nn.Module):
@@ -44,21 +45,41 @@ class BlipRetrievalHead(nn.Module):
     takes_batch = True  # forward also gets the raw inputs and the item ids (ITM on hard negatives)
     supports_itm = True
 
-    def __init__(self, vision_proj, text_proj, itm_head, vision: str, text: str, temperature: float):
+    def __init__(
+        self, vision_proj, text_proj, itm_head, vision: str, text: str, temperature: float, frames: int = 1
+    ):
         super().__init__()
         self.vision_proj, self.text_proj, self.itm_head = vision_proj, text_proj, itm_head
         self.vision, self.text = vision, text
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.itm = False  # set by the retrieval task (option ``itm``): ITM logits in training forwards
         self.itm_first_token: int | None = None  # BLIP's [ENC] id for ITM passes (None: ids as given)
+        self.frames = frames  # a video vision tower: its final states are N frames' tokens, (B, N·T, D)
+        self.frame_aware = True  # video ITM: frame-aware attention (uniadapter's ``frame_aware``)
 
     @property
     def itm_modalities(self) -> tuple[str, str]:
         """(modality whose final states ITM cross-attends to, modality whose raw inputs it encodes)."""
         return self.vision, self.text
 
+    def vision_embeddings(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Final vision states (B, N·T, D) -> (ITC embedding (B, E), per-frame embeddings (B, N, E)):
+        each frame's [CLS] projected, and the projection of their mean (the released video feature)."""
+        B, NT, D = tokens.shape
+        cls = tokens.reshape(B, self.frames, NT // self.frames, D)[:, :, 0]  # (B, N, D)
+        frames = F.normalize(self.vision_proj(cls), dim=-1)
+        return F.normalize(self.vision_proj(cls.mean(1)), dim=-1), frames
+
+    def key_scale(self, text_emb: Tensor, image_tokens: Tensor) -> Tensor | None:
+        """Frame-aware attention's scale of each image token's cross-attention key (P, N·T) for the
+        pairs (text_emb[p], image_tokens[p]), or None (images, or ``frame_aware`` off)."""
+        if self.frames == 1 or not self.frame_aware:
+            return None
+        tokens_per_frame = image_tokens.shape[1] // self.frames
+        return frame_key_scale(text_emb, self.vision_embeddings(image_tokens)[1], tokens_per_frame)
+
     def forward(self, states, backbone=None, inputs=None, ids=None) -> dict[str, Tensor]:
-        image = F.normalize(self.vision_proj(states[self.vision].tokens[:, 0]), dim=-1)  # (B, E)
+        image = self.vision_embeddings(states[self.vision].tokens)[0]  # (B, E)
         text = F.normalize(self.text_proj(states[self.text].tokens[:, 0]), dim=-1)  # (B, E)
         out = {self.vision: image, self.text: text, "logit_scale": 1.0 / self.temperature}
         if self.itm and self.training:
@@ -73,7 +94,10 @@ class BlipRetrievalHead(nn.Module):
             image_rows, text_rows, labels = hard_negative_pairs(logits, positive)
             texts = take_rows(inputs[self.text], text_rows)
             image_tokens = states[self.vision].tokens[image_rows]  # (P, N, D_v)
-            out["itm_logits"] = run_itm(backbone, self, image_tokens, texts, first_token=self.itm_first_token)
+            scale = self.key_scale(text[text_rows], image_tokens)
+            out["itm_logits"] = run_itm(
+                backbone, self, image_tokens, texts, first_token=self.itm_first_token, key_scale=scale
+            )
             out["itm_labels"] = labels  # (P,)
         return out
 
@@ -83,13 +107,24 @@ class BlipRetrievalHead(nn.Module):
 
     @torch.no_grad()
     def rerank(
-        self, backbone, sims: Tensor, image_tokens: Tensor, text_inputs: dict, k: int, chunk: int = 64
+        self,
+        backbone,
+        sims: Tensor,
+        image_tokens: Tensor,
+        text_inputs: dict,
+        k: int,
+        chunk: int = 64,
+        text_emb: Tensor | None = None,
     ):
         """ITM re-ranking for evaluation: (i2t (N_image, N_text), t2i (N_text, N_image)) with ITM match
-        logits on each query's top-k ITC candidates and, below them, the rest in ITC order."""
+        logits on each query's top-k ITC candidates and, below them, the rest in ITC order.
+        ``text_emb`` (N_text, E): the texts' ITC embeddings, which frame-aware attention needs."""
         check_rerank_shapes(sims, image_tokens, text_inputs)
         args = (backbone, self, image_tokens, text_inputs, k, 0.0, chunk, self.itm_first_token)
-        return rerank_one_side(sims, *args, False, True), rerank_one_side(sims.t(), *args, True, True)
+        return (
+            rerank_one_side(sims, *args, False, True, text_emb),
+            rerank_one_side(sims.t(), *args, True, True, text_emb),
+        )
 
 
 # --- finding the BLIP parts ---------------------------------------------------------------------
@@ -112,8 +147,10 @@ def install_blip_head(model, temperature: float = 0.07) -> BlipRetrievalHead:
     pair = blip_towers(model)
     if pair is None:
         raise ValueError("the BLIP head needs an hf_blip vision tower and text tower of one model")
-    blip = model.backbone.encoders[pair[0]].blip
-    head = BlipRetrievalHead(blip.vision_proj, blip.text_proj, blip.itm_head, *pair, temperature)
+    vision = model.backbone.encoders[pair[0]]
+    blip = vision.blip
+    frames = int(getattr(vision, "rows_per_example", 1))  # a video tower of BLIP's vision tower: N
+    head = BlipRetrievalHead(blip.vision_proj, blip.text_proj, blip.itm_head, *pair, temperature, frames)
     model.set_head(head)
     return head
 
@@ -121,7 +158,7 @@ def install_blip_head(model, temperature: float = 0.07) -> BlipRetrievalHead:
 def maybe_install_blip_head(model, modalities: Sequence[str], cfg) -> None:
     """Called by ``uniadapter.attach``: installs the BLIP head on BLIP towers unless one is set."""
     if cfg.blip_head and "head" not in model.peft and blip_towers(model, modalities) is not None:
-        install_blip_head(model, cfg.itc_temperature)
+        install_blip_head(model, cfg.itc_temperature).frame_aware = cfg.frame_aware
 
 
 def blip_parts(model) -> tuple[str, str, BlipRetrievalHead]:
@@ -137,15 +174,22 @@ def blip_parts(model) -> tuple[str, str, BlipRetrievalHead]:
 
 # --- ITM -----------------------------------------------------------------------------------------
 def run_itm(
-    backbone, head, image_tokens: Tensor, text_inputs: dict, image_pad: Tensor | None = None, first_token=None
+    backbone,
+    head,
+    image_tokens: Tensor,
+    text_inputs: dict,
+    image_pad: Tensor | None = None,
+    first_token=None,
+    key_scale: Tensor | None = None,
 ) -> Tensor:
-    """ITM logits (B, 2) (column 1: match) of text i cross-attending to image tokens i (B, N, D_v)."""
+    """ITM logits (B, 2) (column 1: match) of text i cross-attending to image tokens i (B, N, D_v);
+    ``key_scale`` (B, N) scales the image tokens' keys (frame-aware attention)."""
     encoder = backbone.encoders[head.text]
     if first_token is not None:
         ids = text_inputs["input_ids"].clone()
         ids[:, 0] = first_token
         text_inputs = {**text_inputs, "input_ids": ids}
-    state = encoder.with_image(encoder.embed(text_inputs), image_tokens, image_pad)
+    state = encoder.with_image(encoder.embed(text_inputs), image_tokens, image_pad, key_scale)
     for i in range(encoder.num_layers):
         state = backbone.run_block(head.text, i, state)
     return head.itm_head(state.tokens[:, 0])  # (B, 2)
@@ -163,6 +207,20 @@ def itm_logits(
     ``first_token`` replaces the first text token (BLIP's released code uses its [ENC] token for ITM;
     the HF forward keeps the ids as given)."""
     return run_itm(model.backbone, blip_parts(model)[2], image_tokens, text_inputs, image_pad, first_token)
+
+
+@torch.no_grad()
+def frame_key_scale(text_emb: Tensor, frame_emb: Tensor, tokens_per_frame: int) -> Tensor:
+    """UniAdapter's frame-aware attention (the released models/med.py): with s (P, N) the cosine of
+    each text to each of its video's frames, the keys of frame n's patch tokens are multiplied by
+    N · softmax_n(s / 4); each frame's [CLS] key stays. A weighting, not a parameter: no gradient.
+    text_emb (P, E) and frame_emb (P, N, E) unit-norm -> (P, N·T) key scales, T = tokens per frame."""
+    P, N, _ = frame_emb.shape
+    sim = torch.einsum("pe,pne->pn", text_emb.float(), frame_emb.float())  # (P, N)
+    weight = torch.softmax(sim / FRAME_TEMPERATURE, dim=1) * N  # (P, N)
+    scale = weight[:, :, None].expand(P, N, tokens_per_frame).clone()  # (P, N, T)
+    scale[:, :, 0] = 1.0  # the frame's [CLS]
+    return scale.reshape(P, N * tokens_per_frame)
 
 
 def same_item(ids: Sequence[Any] | Tensor, n: int, device) -> Tensor:
@@ -252,15 +310,28 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 # --- evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
 def match_scores(
-    backbone, head, image_tokens, text_inputs, image_index, text_index, chunk=64, first_token=None
+    backbone,
+    head,
+    image_tokens,
+    text_inputs,
+    image_index,
+    text_index,
+    chunk=64,
+    first_token=None,
+    text_emb=None,
 ):
-    """ITM match logits of the pairs (image_index[j], text_index[j]), ``chunk`` pairs per pass: (P,)."""
+    """ITM match logits of the pairs (image_index[j], text_index[j]), ``chunk`` pairs per pass: (P,).
+    ``text_emb`` (N_text, E): ITC embeddings of the texts, for a video head's frame-aware attention."""
     device = head.itm_head.weight.device
     scores = []
     for s in range(0, len(image_index), chunk):
         ii, tt = image_index[s : s + chunk].cpu(), text_index[s : s + chunk].cpu()
         texts = {k: x[tt].to(device) for k, x in text_inputs.items()}
-        logits = run_itm(backbone, head, image_tokens[ii].to(device), texts, first_token=first_token)
+        images = image_tokens[ii].to(device)
+        scale = None
+        if text_emb is not None and hasattr(head, "key_scale"):
+            scale = head.key_scale(text_emb[tt].to(device), images)
+        logits = run_itm(backbone, head, images, texts, first_token=first_token, key_scale=scale)
         scores.append(logits[:, 1].float().cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
 
@@ -312,7 +383,18 @@ def rerank_with_itm(
 
 
 def rerank_one_side(
-    sims, backbone, head, image_tokens, text_inputs, k, beta, chunk, first_token, text_query, tail
+    sims,
+    backbone,
+    head,
+    image_tokens,
+    text_inputs,
+    k,
+    beta,
+    chunk,
+    first_token,
+    text_query,
+    tail,
+    text_emb=None,
 ):
     """One direction; ``tail``: the candidates below the top-k keep their ITC order (else -100)."""
     top_sim, top = sims.topk(min(k, sims.shape[1]), dim=1)  # (Q, k)
@@ -328,6 +410,7 @@ def rerank_one_side(
             text_index.reshape(-1),
             chunk,
             first_token,
+            text_emb,
         )
         .view_as(top)
         .to(sims)

@@ -406,6 +406,7 @@ class RerankMeter(Meter):
             texts,
             cfg.rerank_k,
             cfg.rerank_batch_size,
+            text_emb=torch.from_numpy(emb[text][rt]),
         )
         ranks = {
             f"{image}_to_{text}": ranks_from_scores(i2t.float().numpy(), idx[ri], idx[rt]),
