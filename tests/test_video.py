@@ -362,3 +362,37 @@ def test_real_sample_clips_decode_sample_and_run_through_a_video_tower():
     with torch.no_grad():
         out = model({"video": inputs, "text": toy_text(2)})
     assert torch.isfinite(out["logits"]).all()
+
+
+def test_didemo_reader_joins_each_videos_moments_into_one_paragraph(tmp_path):
+    from mmpeft.data.base import build_reader
+
+    (tmp_path / "clips").mkdir()
+    for name in ("111@N00_1.mp4", "222@N00_2.mp4"):
+        write_clip(str(tmp_path / "clips" / name), moving_bar(4))
+
+    def moment(aid, video, text, times):
+        return {"annotation_id": aid, "description": text, "video": video, "times": times,
+                "dl_link": "https://example.org", "num_segments": 6}  # fmt: skip
+
+    write_json(tmp_path / "train_data.json", [
+        moment(7, "111@N00_1.mov", "then it turns. ", [[3, 3], [3, 4]]),
+        moment(5, "111@N00_1.mov", "a bar appears.", [[0, 0], [0, 1]]),
+        moment(9, "222@N00_2.mov", "only moment", [[2, 2]]),
+    ])  # fmt: skip
+    write_json(tmp_path / "test_data.json", [moment(1, "222@N00_2.mov", "test moment", [[1, 1]])])
+    config = {"root": str(tmp_path), "video_dir": "clips", "video_ext": ".mp4",
+              "files": {"train": "train_data.json", "test": "test_data.json"}}  # fmt: skip
+    reader = build_reader("didemo", config)
+    train = reader.split("train")
+    assert len(train) == 2  # one example per video
+    assert train[0]["inputs"]["text"] == "a bar appears. then it turns."  # by moment start
+    assert train[0]["inputs"]["video"].endswith("clips/111@N00_1.mp4") and train[0]["id"] == "111@N00_1.mov"
+    assert reader.info() == {"num_items": {"train": 2, "test": 1}}
+    reader.check_files()
+    no_ext = build_reader("didemo", {**config, "video_ext": ""})
+    with pytest.raises(DataError, match=r"train_data.json, record 0: video '.*111@N00_1.mov' not found"):
+        no_ext.check_files()
+    write_json(tmp_path / "test_data.json", [{"video": "222@N00_2.mov", "times": [[1, 1]]}])
+    with pytest.raises(DataError, match=r"record 0: expected an object with \['video', 'description'\]"):
+        build_reader("didemo", config).split("test")
