@@ -133,8 +133,7 @@ def run_record(label: str, seed: int, run_dir: str, metrics: dict, wall: float) 
 def finished_metrics(config: dict, run_dir: str) -> dict | None:
     """The metrics of a run that already finished in ``run_dir`` with this same config, else None."""
     from .config import ConfigError
-    from .run_config import read_yaml, validate_run_config
-    from .train.trainer import check_same_config
+    from .run_config import check_same_config, read_yaml, validate_run_config
 
     metrics_file, config_file = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "config.yaml")
     if not (os.path.isfile(metrics_file) and os.path.isfile(config_file)):

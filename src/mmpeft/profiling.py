@@ -23,6 +23,13 @@ def rss_peak_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+def peak_memory() -> tuple[float, str]:
+    """(MB, what was measured): CUDA allocator peak on GPU, the process's max RSS on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
+    return rss_peak_mb(), "cpu_ru_maxrss"
+
+
 class SavedTensorMeter:
     """Sums the bytes of distinct tensors autograd saves for backward inside the context
     (weights, i.e. the storages of ``params``, are not activations and are not counted)."""

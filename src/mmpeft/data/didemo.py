@@ -63,14 +63,3 @@ class DiDeMoReader(VideoTextReader):
         if self.cfg.video_ext:
             name = os.path.splitext(name)[0] + self.cfg.video_ext
         return os.path.join(self.cfg.root, self.cfg.video_dir, name)
-
-    def check_files(self) -> None:
-        """Each video once (a video has several moments)."""
-        from .video import check_clip
-
-        for split, rows in self.records().items():
-            seen = set()
-            for k, row in enumerate(rows):
-                if row["video"] not in seen:
-                    seen.add(row["video"])
-                    check_clip(self.video_path(row), f"{self.cfg.files[split]}, record {k}")

@@ -107,11 +107,16 @@ class VideoAnnotations(DatasetReader):
         return os.path.join(self.cfg.root, self.cfg.video_dir, row["video"])
 
     def check_files(self) -> None:
+        """Each clip once (a clip has several captions, questions or moments), named by its first record."""
         from .video import check_clip
 
         for split, rows in self.records().items():
+            seen = set()
             for k, row in enumerate(rows):
-                check_clip(self.video_path(row), f"{self.cfg.files[split]}, record {k}")
+                path = self.video_path(row)
+                if path not in seen:
+                    seen.add(path)
+                    check_clip(path, f"{self.cfg.files[split]}, record {k}")
 
 
 @register_dataset("video_text")

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..encoders.video import rows_per_example
+
 NOT_RANKED = -100.0  # score of candidates outside the top-k (the released evaluation's fill value)
 FRAME_TEMPERATURE = 4.0  # frame-aware attention: softmax over frames of similarity / 4 (released med.py)
 
@@ -46,7 +48,15 @@ class BlipRetrievalHead(nn.Module):
     supports_itm = True
 
     def __init__(
-        self, vision_proj, text_proj, itm_head, vision: str, text: str, temperature: float, frames: int = 1
+        self,
+        vision_proj,
+        text_proj,
+        itm_head,
+        vision: str,
+        text: str,
+        temperature: float,
+        frames: int = 1,
+        frame_aware: bool = True,
     ):
         super().__init__()
         self.vision_proj, self.text_proj, self.itm_head = vision_proj, text_proj, itm_head
@@ -55,7 +65,7 @@ class BlipRetrievalHead(nn.Module):
         self.itm = False  # set by the retrieval task (option ``itm``): ITM logits in training forwards
         self.itm_first_token: int | None = None  # BLIP's [ENC] id for ITM passes (None: ids as given)
         self.frames = frames  # a video vision tower: its final states are N frames' tokens, (B, N·T, D)
-        self.frame_aware = True  # video ITM: frame-aware attention (uniadapter's ``frame_aware``)
+        self.frame_aware = frame_aware  # video ITM: frame-aware attention (uniadapter's option)
 
     @property
     def itm_modalities(self) -> tuple[str, str]:
@@ -142,15 +152,17 @@ def blip_towers(model, modalities: Sequence[str] | None = None) -> tuple[str, st
     return None
 
 
-def install_blip_head(model, temperature: float = 0.07) -> BlipRetrievalHead:
+def install_blip_head(model, temperature: float = 0.07, frame_aware: bool = True) -> BlipRetrievalHead:
     """Make the checkpoint's ``vision_proj``/``text_proj``/``itm_head`` the model's (trainable) head."""
     pair = blip_towers(model)
     if pair is None:
         raise ValueError("the BLIP head needs an hf_blip vision tower and text tower of one model")
     vision = model.backbone.encoders[pair[0]]
     blip = vision.blip
-    frames = int(getattr(vision, "rows_per_example", 1))  # a video tower of BLIP's vision tower: N
-    head = BlipRetrievalHead(blip.vision_proj, blip.text_proj, blip.itm_head, *pair, temperature, frames)
+    frames = rows_per_example(vision)  # a video tower over BLIP's vision tower: N
+    head = BlipRetrievalHead(
+        blip.vision_proj, blip.text_proj, blip.itm_head, *pair, temperature, frames, frame_aware
+    )
     model.set_head(head)
     return head
 
@@ -158,7 +170,7 @@ def install_blip_head(model, temperature: float = 0.07) -> BlipRetrievalHead:
 def maybe_install_blip_head(model, modalities: Sequence[str], cfg) -> None:
     """Called by ``uniadapter.attach``: installs the BLIP head on BLIP towers unless one is set."""
     if cfg.blip_head and "head" not in model.peft and blip_towers(model, modalities) is not None:
-        install_blip_head(model, cfg.itc_temperature).frame_aware = cfg.frame_aware
+        install_blip_head(model, cfg.itc_temperature, cfg.frame_aware)
 
 
 def blip_parts(model) -> tuple[str, str, BlipRetrievalHead]:
@@ -328,9 +340,7 @@ def match_scores(
         ii, tt = image_index[s : s + chunk].cpu(), text_index[s : s + chunk].cpu()
         texts = {k: x[tt].to(device) for k, x in text_inputs.items()}
         images = image_tokens[ii].to(device)
-        scale = None
-        if text_emb is not None and hasattr(head, "key_scale"):
-            scale = head.key_scale(text_emb[tt].to(device), images)
+        scale = None if text_emb is None else head.key_scale(text_emb[tt].to(device), images)
         logits = run_itm(backbone, head, images, texts, first_token=first_token, key_scale=scale)
         scores.append(logits[:, 1].float().cpu())
     return torch.cat(scores) if scores else torch.zeros(0)

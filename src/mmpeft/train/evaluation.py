@@ -175,10 +175,18 @@ class RunEvaluator:
         """The examples the run's model was fitted on (train, plus val when it was refitted), for
         metrics that rank against them; from the prefix cache when the run used one."""
         names = ["train", "val"] if self.train_cfg.refit and "val" in self.comps.reader.splits else ["train"]
-        parts = [self.split(n) if self.cached(n) is None else self.cached(n) for n in names]
-        if len(parts) == 1:
-            return parts[0]
-        return PrefixCache.concat(parts) if isinstance(parts[0], PrefixCache) else ConcatDataset(parts)
+        parts = []
+        for name in names:
+            cache = self.cached(name)
+            parts.append(self.split(name) if cache is None else cache)
+        return join_splits(parts)
+
+
+def join_splits(parts: list):
+    """Split datasets, or prefix caches of one step, as one source in order (one part: itself)."""
+    if len(parts) == 1:
+        return parts[0]
+    return PrefixCache.concat(parts) if isinstance(parts[0], PrefixCache) else ConcatDataset(parts)
 
 
 def cache_with_missing(cache: PrefixCache, rates: dict[str, float], seed: int) -> PrefixCache:

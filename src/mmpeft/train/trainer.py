@@ -21,8 +21,6 @@ import json
 import logging
 import math
 import os
-import resource
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,13 +34,14 @@ from ..checkpoint import atomic_write_bytes
 from ..config import ConfigError
 from ..data.base import DataError
 from ..missing import dropout_rates
+from ..profiling import peak_memory
 from ..report import parameter_counts, trainable_and_total
-from ..run_config import RUNTIME_ONLY, dump_yaml, read_yaml
+from ..run_config import check_same_config, dump_yaml, read_yaml
 from .batches import epoch_batches
 from .cache import PrefixCache, TrainModule, cacheable_step, open_stores
 from .checkpointing import load_newest_readable, restore_rng, rng_state, save_checkpoint
 from .contribution import modality_contributions
-from .evaluation import device_batch, evaluate, forward_options, split_loader
+from .evaluation import device_batch, evaluate, forward_options, join_splits, split_loader
 from .feature_store import cache_root
 from .modality_dropout import drop_modalities
 from .optim import build_optimizer, build_scheduler
@@ -79,14 +78,6 @@ class TrainState:
     loop_time: float = 0.0  # seconds of the whole training loop, evaluations included
     seq: int = 0  # checkpoint sequence number
     history: list = field(default_factory=list)
-
-
-def peak_memory() -> tuple[float, str]:
-    """(MB, what was measured): CUDA allocator peak on GPU, the process's max RSS on CPU."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_ru_maxrss"
 
 
 class Trainer:
@@ -447,15 +438,10 @@ class Trainer:
     def _reference(self):
         """The examples the model was fitted on, for metrics that rank against them (retrieval's
         hubness correction): train, or train+val once a refit has trained on both."""
-        train = self.caches.get("train", self.train_set)
-        if not self.fitted_on_val:
-            return train
-        val = self.caches.get("val", self.val_set)
-        return (
-            PrefixCache.concat([train, val])
-            if isinstance(train, PrefixCache)
-            else ConcatDataset([train, val])
-        )
+        parts = [self.caches.get("train", self.train_set)]
+        if self.fitted_on_val:
+            parts.append(self.caches.get("val", self.val_set))
+        return join_splits(parts)
 
     def _select(self, st: TrainState, metrics: dict[str, float]) -> None:
         """Keep the adapter of the best validation score (the last one without a val split)."""
@@ -612,16 +598,3 @@ def to_model_device(tensors: dict[str, torch.Tensor], device) -> dict[str, torch
 
 def fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "-"
-
-
-def check_same_config(saved: dict, current: dict, path: str) -> None:
-    """A resumed run must use the config it started with (runtime-only train options may change)."""
-
-    def comparable(cfg: dict) -> dict:
-        train = {k: v for k, v in cfg.get("train", {}).items() if k not in RUNTIME_ONLY}
-        return {**cfg, "train": train}
-
-    a, b = comparable(saved), comparable(current)
-    if a != b:
-        diffs = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        raise ConfigError(f"--resume: the config differs from the run's {path} in sections {diffs}")
