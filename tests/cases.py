@@ -33,7 +33,10 @@ BACKBONES = {
     "pair_equal": EQUAL,
     "video_pair": VIDEO,
 }
-VIDEO_METHODS = {"temporal"}  # methods that need a video tower: their cases run on video_pair only
+VIDEO_METHODS = {
+    "temporal",
+    "temporal_transformer",
+}  # methods that need a video tower: their cases run on video_pair only
 
 # method name -> options for the contract tests (small sizes; every option family exercised
 # somewhere). Extra variants of one method go under "name:variant".
@@ -67,6 +70,8 @@ METHOD_CASES: dict[str, dict] = {
     "missing_prompts": {"num_prompts": 2},
     "missing_prompts:layers": {"num_prompts": 3, "layers": [0, -1], "modalities": ["text", "image"]},
     "temporal": {},
+    "temporal_transformer": {"heads": 2, "dropout": 0.0},
+    "temporal_transformer:narrow": {"width": 8, "depth": 2, "heads": 2},
     "pmf:frozen_fcp": {"num_qp": 1, "num_qcp": 1, "num_fcp": 1, "train_fcp": False},
 }
 

@@ -183,3 +183,12 @@ def test_uniadapter_msrvtt_preset_counts_the_papers_parameters():
     base = n_params(model.backbone.encoders["text"].blip)
     assert 0.020 < adapters / base < 0.023  # the paper's 2.2%
     assert model.peft["head"].frames == 8
+
+
+@pytest.mark.parametrize("order", ["mixer first", "head first"])
+def test_temporal_transformer_and_the_blip_head_are_refused_together(order):
+    config = video_config()
+    mixer = {"name": "temporal_transformer", "heads": 2}
+    config["methods"] = [mixer, *config["methods"]] if order == "mixer first" else [*config["methods"], mixer]
+    with pytest.raises(ValueError, match="BLIP's retrieval head pools the frames itself"):
+        build_model(config)

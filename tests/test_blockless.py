@@ -180,3 +180,15 @@ def test_cli_inspect_and_list(tmp_path, capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "needs blocks in every tower" in lines["pmf"]
     assert "acts in blocks" in lines["lora"] and "acts in blocks" not in lines["linear"]
+
+
+@pytest.mark.parametrize("name", sorted(VIDEO_METHODS))
+def test_video_methods_are_applicable_exactly_where_there_is_a_video_tower(name):
+    from cases import BACKBONES
+
+    without = config(PAIR, [{"name": name}])
+    assert applicable_methods(without)[name] == "needs a video tower (type: video) among ['text', 'image']"
+    assert f"{name}: needs a video tower" in str(build(without)[1])
+    pytest.importorskip("timm")
+    with_video = config(BACKBONES["video_pair"], [{"name": name, **METHOD_CASES[name]}])
+    assert applicable_methods(with_video)[name] is None and build(with_video)[1] is None

@@ -155,3 +155,32 @@ def test_probe_on_vqa_fits_each_questions_top_answer():
     cls = Trainer(toy("method=probe", "model.methods.0.alphas=[1.0]")).fit()
     vqa = Trainer(toy("method=probe", "model.methods.0.alphas=[1.0]", "task={name: vqa}")).fit()
     assert vqa["test"]["vqa_accuracy"] == pytest.approx(cls["test"]["accuracy"])
+
+
+def test_vqa_probe_logits_are_shifted_to_the_bce_minimum():
+    """vqa trains with a per-answer sigmoid: the softmax fit is shifted so that a head started at
+    it starts at a small loss, with the same answers as the classification fit."""
+    cls = Trainer(toy("method=probe", "model.methods.0.alphas=[0.01]"))
+    cls.fit()
+    vqa = Trainer(toy("method=probe", "model.methods.0.alphas=[0.01]", "task={name: vqa}"))
+    vqa.fit()
+    x, y = trainer_features(vqa)
+
+    def logits(trainer):
+        linear = trainer.model.peft["head"].net[-1]
+        return torch.as_tensor(x) @ linear.weight.detach().double().T + linear.bias.detach().double()
+
+    shifted, plain = logits(vqa), logits(cls)
+    assert torch.equal(shifted.argmax(1), plain.argmax(1))
+    torch.testing.assert_close(
+        (shifted - plain).std(1), torch.zeros(len(x), dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    assert torch.sigmoid(shifted).sum().item() == pytest.approx(len(x), rel=1e-4)  # d BCE / d shift = 0
+    targets = torch.nn.functional.one_hot(torch.as_tensor(y), shifted.shape[1]).double()
+
+    def bce(z):
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, targets, reduction="sum").item() / len(
+            x
+        )
+
+    assert bce(shifted) < bce(plain)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmpeft import build_model
+from mmpeft.config import ConfigError
 from mmpeft.data.base import DataError
 from mmpeft.data.video import check_clip, decode_frames, read_clip, sample_indices, write_clip
 
@@ -259,7 +260,7 @@ def test_temporal_embeddings_make_the_clip_feature_depend_on_frame_order():
             feats[name] = pooled
     torch.testing.assert_close(feats["plain"][0], feats["plain"][1], rtol=1e-5, atol=1e-6)  # order-blind
     assert not torch.allclose(feats["timed"][0], feats["timed"][1], atol=1e-4)
-    with pytest.raises(ValueError, match="temporal: the model has no video tower"):
+    with pytest.raises(ValueError, match=r"temporal: needs a video tower \(type: video\) among \[.text.\]"):
         build_model({"encoders": {"text": {"type": "toy", "config": {"input_dim": 8, "dim": 32, "depth": 2,
                      "heads": 4}}}, "methods": [{"name": "temporal"}], "head": {"num_outputs": 2}})  # fmt: skip
 
@@ -396,3 +397,50 @@ def test_didemo_reader_joins_each_videos_moments_into_one_paragraph(tmp_path):
     write_json(tmp_path / "test_data.json", [{"video": "222@N00_2.mov", "times": [[1, 1]]}])
     with pytest.raises(DataError, match=r"record 0: expected an object with \['video', 'description'\]"):
         build_reader("didemo", config).split("test")
+
+
+def test_temporal_transformer_starts_as_the_mean_and_then_sees_frame_order():
+    pytest.importorskip("timm")
+    clip = torch.rand(4, 3, 32, 32)  # one clip of 4 frames, and the same frames backwards
+    methods = [{"name": "temporal_transformer", "heads": 2, "dropout": 0.0}]
+    plain, mixed = video_model(frames=4).eval(), video_model(frames=4, methods=methods).eval()
+
+    def clip_features(model):
+        with torch.no_grad():
+            return [
+                model.pooled(model.backbone({"video": x, "text": toy_text(1)}))["video"]
+                for x in (clip, clip.flip(0))
+            ]
+
+    torch.testing.assert_close(clip_features(mixed), clip_features(plain))  # W_o = 0: the frame mean
+    mixer = mixed.peft["temporal_transformer"]["video"]
+    assert mixed.backbone.encoders["video"].frame_mixer is mixer
+    assert not any(p is q for p in mixer.parameters() for q in mixed.backbone.encoders["video"].parameters())
+    with torch.no_grad():
+        mixer.out.weight.normal_()
+    forward, backward = clip_features(mixed)
+    assert not torch.allclose(forward, backward, atol=1e-4)  # the order now matters
+    enc = mixed.backbone.encoders["video"]
+    with torch.no_grad():  # written out: x + W_o LN(blocks(LN(x) + pos)), then the mean over frames
+        frames = enc.model.pool(
+            enc.frame_states(mixed.backbone({"video": clip, "text": toy_text(1)})["video"])
+        )
+        h = mixer.norm_in(frames[None]) + mixer.position
+        for block in mixer.blocks:
+            h = block(h)
+        expected = (frames[None] + mixer.out(mixer.norm(h))).mean(1)
+    torch.testing.assert_close(forward, expected)
+
+
+def test_temporal_transformer_config_errors():
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="temporal_transformer: needs a video tower"):
+        build_model({"encoders": {"text": {"type": "toy", "config": {"input_dim": 8, "dim": 32, "depth": 2,
+                     "heads": 4}}}, "methods": [{"name": "temporal_transformer"}], "head": {"num_outputs": 2}})  # fmt: skip
+    with pytest.raises(ConfigError, match="heads dividing width 32, got depth 1, heads 5"):
+        video_model(methods=[{"name": "temporal_transformer", "heads": 5}])
+    with pytest.raises(ConfigError, match="set 'depth', not 'layers'"):
+        video_model(methods=[{"name": "temporal_transformer", "layers": [-1]}])
+    model = video_model(methods=[{"name": "temporal_transformer"}])
+    with pytest.raises(ValueError, match="encoder 'video' already has a frame mixer"):
+        model.backbone.encoders["video"].set_frame_mixer(torch.nn.Identity())

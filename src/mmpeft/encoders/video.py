@@ -29,6 +29,11 @@ from ..data.video import read_clip, sample_indices
 from ..registry import ENCODERS, register_encoder
 from .base import Encoder, EncoderState, strip_prompts
 
+BLIP_POOLS_FRAMES = (
+    "BLIP's retrieval head pools the frames itself (its temporal model is frame-aware attention), "
+    "so a temporal_transformer on the tower's pooling would never run; use one or the other"
+)
+
 
 @dataclass
 class VideoOptions:
@@ -63,6 +68,16 @@ class VideoEncoder(Encoder):
         self.rows_per_example = frames
         self.dim, self.num_layers = image.dim, image.num_layers
         self.pre_norm, self.pooling = image.pre_norm, image.pooling
+        self.frame_mixer: nn.Module | None = None  # (B, N, D) -> (B, N, D) before the mean
+
+    def set_frame_mixer(self, mixer: nn.Module) -> None:
+        """Install a trainable ``mixer`` over each clip's frame features (``temporal_transformer``);
+        a plain reference: its parameters are registered under ``model.peft``, not the frozen tower."""
+        if self.frame_mixer is not None:
+            raise ValueError(
+                f"encoder {self.modality!r} already has a frame mixer; attach one temporal_transformer"
+            )
+        object.__setattr__(self, "frame_mixer", mixer)
 
     @classmethod
     def from_pretrained(cls, path: str, modality: str, **options: Any) -> VideoEncoder:
@@ -131,9 +146,13 @@ class VideoEncoder(Encoder):
         return state.replace(tokens=state.tokens.reshape(B * self.frames, T, D), pad_mask=pad)
 
     def pool(self, state: EncoderState) -> Tensor:
-        """Each frame pooled as the image tower pools, then the mean over the N frames: (B, D)."""
+        """Each frame pooled as the image tower pools, mixed over time by the frame mixer if one is
+        installed, then the mean over the N frames: (B, D)."""
         frames = self.model.pool(self.frame_states(state))  # (B·N, D)
-        return frames.reshape(-1, self.frames, frames.shape[-1]).mean(dim=1)
+        frames = frames.reshape(-1, self.frames, frames.shape[-1])  # (B, N, D)
+        if self.frame_mixer is not None:
+            frames = self.frame_mixer(frames)
+        return frames.mean(dim=1)
 
     def collate(self, items: list[Any]) -> Any:
         """Clips (paths or (L, H, W, 3) arrays) -> the image tower's batch of B·N frames."""

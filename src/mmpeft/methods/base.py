@@ -74,6 +74,8 @@ class Method:
     """Acts inside transformer blocks: towers without blocks are skipped (``modalities: None``)."""
     needs_blocks_in_every_tower: ClassVar[bool] = False
     """Cannot leave out a tower of its modalities, so every one of them needs blocks (PMF)."""
+    needs_video_tower: ClassVar[bool] = False
+    """Acts on the frames of ``video`` towers only (``temporal``, ``temporal_transformer``)."""
     blockless_hint: ClassVar[str] = (
         "use a method on final features instead (linear, late_fusion, lmf, tfn, wander) or full"
     )
@@ -121,6 +123,8 @@ class Method:
         n = len(cfg.modalities or towers)  # counted as MultimodalModel.attach counts them
         if n < cls.min_modalities:
             return names, [], f"needs at least {cls.min_modalities} modalities, got {n}"
+        if cls.needs_video_tower and not any(towers[m].family == "video" for m in names):
+            return names, [], f"needs a video tower (type: video) among {names}"
         use = cls.block_use(cfg)
         blockless = [m for m in names if towers[m].num_layers == 0] if use else []
         if blockless and (use == "every" or cfg.modalities is not None):

@@ -185,11 +185,30 @@ class HeadProbe:
             w, b = fit_ridge(z, target.astype(np.float64), alpha)
         elif task in ("classification", "vqa"):  # vqa: a logistic fit to each question's top answer
             w, b = fit_logistic(z, y, self.linear.out_features, alpha, self.cfg.max_iter)
+            if task == "vqa":
+                b = b - bce_shift(z, w, b)
         elif task == "multilabel":
             w, b = fit_multilabel(z, y, alpha, self.cfg.max_iter)
         else:
             raise ValueError(f"probe: solver 'logistic' does not fit task {task!r}; use solver 'ridge'")
         fold(self.linear, w, b, mean, std)
+
+
+def bce_shift(z: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
+    """The shift c of a softmax fit's logits that minimises the per-answer BCE on the training set.
+
+    vqa trains its head with a sigmoid per answer, and a softmax fit is defined only up to a shift
+    that can leave every logit far above 0 (a loss of hundreds at the first step, which wrecks a
+    head started at the fit by ``train.head_init: probe``). The BCE of one gold answer per question
+    is convex in c with derivative N - sum sigmoid(logits - c): c is where the expected number of
+    positive answers equals the N questions (bisection). The argmax is unchanged."""
+    logits = z @ w.T + b  # (N, A)
+    lo, hi = float(logits.min()) - 50.0, float(logits.max()) + 50.0
+    for _ in range(100):
+        c = (lo + hi) / 2
+        positives = (1.0 / (1.0 + np.exp(np.clip(c - logits, -500, 500)))).sum()
+        lo, hi = (c, hi) if positives > len(z) else (lo, c)
+    return (lo + hi) / 2
 
 
 class RetrievalProbe:

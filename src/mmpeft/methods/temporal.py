@@ -47,6 +47,7 @@ class FrameEmbeddings(nn.Module):
 @register_method("temporal")
 class TemporalEmbedding(Method):
     config_class = TemporalConfig
+    needs_video_tower = True
     identity_at_init = True
     acts_in_blocks = True
     missing = "adds nothing an absent clip could not carry (its tokens are model.missing's)"

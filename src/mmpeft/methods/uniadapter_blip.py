@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..encoders.video import rows_per_example
+from ..encoders.video import BLIP_POOLS_FRAMES, rows_per_example
 
 NOT_RANKED = -100.0  # score of candidates outside the top-k (the released evaluation's fill value)
 FRAME_TEMPERATURE = 4.0  # frame-aware attention: softmax over frames of similarity / 4 (released med.py)
@@ -46,6 +46,7 @@ class BlipRetrievalHead(nn.Module):
     takes_states = True
     takes_batch = True  # forward also gets the raw inputs and the item ids (ITM on hard negatives)
     supports_itm = True
+    pools_frames = True  # a video tower's frames are pooled here, not by the tower's ``pool``
 
     def __init__(
         self,
@@ -160,6 +161,8 @@ def install_blip_head(model, temperature: float = 0.07, frame_aware: bool = True
     vision = model.backbone.encoders[pair[0]]
     blip = vision.blip
     frames = rows_per_example(vision)  # a video tower over BLIP's vision tower: N
+    if getattr(vision, "frame_mixer", None) is not None:
+        raise ValueError(f"the BLIP head: {BLIP_POOLS_FRAMES}")
     head = BlipRetrievalHead(
         blip.vision_proj, blip.text_proj, blip.itm_head, *pair, temperature, frames, frame_aware
     )
