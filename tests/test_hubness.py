@@ -119,3 +119,18 @@ def test_a_csls_run_ranks_against_its_training_split_and_eval_reproduces_it(tmp_
     assert banks[0] == 192 and banks[-1] == fitted_on  # val scored against train, test against the fit
     assert evaluate_run(out)["rsum"] == pytest.approx(metrics["test"]["rsum"])
     assert banks[-1] == fitted_on
+
+
+def test_a_run_evaluator_embeds_the_reference_bank_once(tmp_path, monkeypatch):
+    from mmpeft.train import evaluation
+
+    out = str(tmp_path / "run")
+    Trainer(toy_retrieval("method=linear", "train.epochs=1"), out).fit()
+    passes = []  # the labels of the passes over a split
+    original = evaluation.run_split
+    monkeypatch.setattr(evaluation, "run_split", lambda *a: (passes.append(a[-1]), original(*a))[1])
+    scorer = evaluation.RunEvaluator(out)
+    clean = scorer.score("test")
+    assert scorer.score("test") == clean
+    scorer.score("test", missing={"image": 0.5})
+    assert passes == ["reference", "evaluating", "evaluating", "evaluating"]

@@ -42,7 +42,15 @@ def forward_options(batch: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(
-    module: TrainModule, task, source, batch_size: int, device, autocast, num_workers=0, reference=None
+    module: TrainModule,
+    task,
+    source,
+    batch_size: int,
+    device,
+    autocast,
+    num_workers=0,
+    reference=None,
+    banks: dict | None = None,
 ) -> dict:
     """Metrics of ``task`` over every example of ``source`` (a split dataset or a prefix cache).
 
@@ -50,7 +58,8 @@ def evaluate(
     retrieval task's ITM re-ranking); ``compute`` runs in eval mode under autocast. A meter that
     ranks against the training split (``wants_reference``: retrieval's hubness correction) gets
     the model's outputs on ``reference`` (that split or its prefix cache, or a function that returns
-    it, called only then) first."""
+    it, called only then) first. ``banks``, a dict the caller keeps while the model does not
+    change, holds that bank across calls (``RunEvaluator``: one bank for every perturbed test)."""
     was_training = module.training
     module.eval()
     meter = task.meter()
@@ -61,9 +70,13 @@ def evaluate(
                 raise ValueError(
                     f"task {task.name!r}: its metrics rank against the training split, and none was given"
                 )
-            reference = reference() if callable(reference) else reference
-            bank = meter.reference_meter()
-            run_split(module, bank, reference, batch_size, device, autocast, num_workers, "reference")
+            bank = (banks or {}).get("reference")
+            if bank is None:
+                reference = reference() if callable(reference) else reference
+                bank = meter.reference_meter()
+                run_split(module, bank, reference, batch_size, device, autocast, num_workers, "reference")
+                if banks is not None:
+                    banks["reference"] = bank
             meter.set_reference(bank)
         run_split(module, meter, source, batch_size, device, autocast, num_workers, "evaluating")
         with autocast():
@@ -106,6 +119,7 @@ class RunEvaluator:
         self.module = TrainModule(self.comps.model).to(self.accelerator.device)
         self.splits: dict = {}
         self.caches: dict[str, PrefixCache] = {}
+        self.banks: dict = {}  # the reference bank of ranking metrics, embedded once: the model is fixed
 
     @property
     def modalities(self) -> list[str]:
@@ -169,6 +183,7 @@ class RunEvaluator:
             acc.device,
             acc.autocast,
             reference=self.reference,
+            banks=self.banks,
         )
 
     def reference(self):
