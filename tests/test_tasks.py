@@ -212,6 +212,18 @@ def test_retrieval_head_from_prepare_trains():
     assert head.logit_scale.grad is not None and head.proj["image"].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("method", ["late_fusion", "lmf", "tfn", "wander"])
+def test_a_fusion_method_on_retrieval_is_refused_by_name(method):
+    """Retrieval embeds each modality on its own: a fusion's parameters would never get a gradient."""
+    model = build_model(
+        {"encoders": BACKBONES["pair_equal"], "methods": [{"name": method}], "head": {"num_outputs": 0}}
+    )
+    with pytest.raises(
+        ValueError, match=f"retrieval: method '{method}' fuses all modalities into one feature"
+    ):
+        build_task("retrieval", {"embed_dim": 8}).prepare(model, {})
+
+
 def test_retrieval_config_errors():
     with pytest.raises(ValueError, match="two different"):
         build_task("retrieval", {"modalities": ["image"]})
