@@ -222,6 +222,15 @@ def test_a_fusion_method_on_retrieval_is_refused_by_name(method):
         ValueError, match=f"retrieval: method '{method}' fuses all modalities into one feature"
     ):
         build_task("retrieval", {"embed_dim": 8}).prepare(model, {})
+    from mmpeft.methods.applicability import applicable_methods, check_applicable
+
+    config = {"encoders": BACKBONES["pair_equal"], "methods": [{"name": method}], "head": {"num_outputs": 0}}
+    reason = (
+        "fuses all modalities into one feature, but retrieval embeds each modality on its own (two towers)"
+    )
+    assert applicable_methods(config, task="retrieval")[method] == reason  # what inspect says
+    assert check_applicable(config, "retrieval") == [f"{method}: not applicable: {reason}"]
+    assert applicable_methods(config, task="classification")[method] is None
 
 
 def test_retrieval_config_errors():

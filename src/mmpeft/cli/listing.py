@@ -113,7 +113,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     if isinstance(config, dict) and isinstance(config.get("model"), dict):
         from ..methods.applicability import check_applicable
 
-        problems = check_applicable(config["model"])  # from the config alone: nothing is built
+        task = config.get("task") if isinstance(config.get("task"), dict) else {}
+        problems = check_applicable(
+            config["model"], task.get("name")
+        )  # from the config alone: nothing is built
         if problems:
             print("\n".join(problems), file=sys.stderr)
             return 2

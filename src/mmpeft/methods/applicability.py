@@ -34,11 +34,26 @@ def tower_infos(model_config: dict, build: bool = False) -> dict[str, TowerInfo]
     return {m: TowerInfo(s.type, static_num_layers(s.type)) for m, s in encoders.items()}
 
 
-def applicable_methods(model_config: dict, build: bool = False) -> dict[str, str | None]:
+TWO_TOWER_TASKS = ("retrieval",)
+"""Tasks that embed each modality on its own: a fusion of all modalities has nothing to feed."""
+
+
+def task_reason(method, task: str | None) -> str | None:
+    if task in TWO_TOWER_TASKS and method.provides_fusion:
+        return (
+            f"fuses all modalities into one feature, but {task} embeds each modality on its own (two towers)"
+        )
+    return None
+
+
+def applicable_methods(
+    model_config: dict, build: bool = False, task: str | None = None
+) -> dict[str, str | None]:
     """Registered method name -> None where it can act on the config's encoders, else the reason.
 
     A method listed in ``model_config["methods"]`` is judged with its options there (the first
     entry of that name), any other with its default options. ``build``: see the module docstring.
+    ``task``: the run's task name, where known (retrieval rules out the fusion methods).
     """
     from ..model import validate_model_spec
 
@@ -50,11 +65,11 @@ def applicable_methods(model_config: dict, build: bool = False) -> dict[str, str
     out = {}
     for name, method in METHODS.items():
         cfg = configured.get(name) or method.config_class()
-        out[name] = method.applicable(towers, cfg)[1]
+        out[name] = task_reason(method, task) or method.applicable(towers, cfg)[1]
     return out
 
 
-def check_applicable(model_config: dict) -> list[str]:
+def check_applicable(model_config: dict, task: str | None = None) -> list[str]:
     """One line "key: not applicable: reason" per configured method that cannot act (no build)."""
     from ..model import validate_model_spec
 
@@ -62,7 +77,7 @@ def check_applicable(model_config: dict) -> list[str]:
     towers = tower_infos(model_config)
     lines = []
     for key, method, cfg in entries:
-        ok, reason = method.applicable(towers, cfg)
-        if not ok:
+        reason = task_reason(method, task) or method.applicable(towers, cfg)[1]
+        if reason is not None:
             lines.append(f"{key}: not applicable: {reason}")
     return lines
