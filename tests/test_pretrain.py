@@ -214,3 +214,24 @@ def test_timm_vit_small_input_is_not_upsampled():
     config = {k: v for k, v in MNIST_VIT.items() if k != "pretrained_cfg_overlay"}
     x = one_encoder({"type": "timm_vit", "config": config}).collate([np.zeros((28, 28), np.uint8)])
     assert x.shape == (1, 3, 28, 28)  # the model's img_size, not the architecture's 224
+
+
+def test_an_encoder_path_with_pretrain_is_made_on_first_use(tmp_path):
+    import yaml
+
+    recipe = tmp_path / "pre.yaml"
+    recipe.write_text(yaml.safe_dump(toy_config(epochs=1)))
+    path = str(tmp_path / "made" / "text")
+    spec = {"type": "toy", "path": path, "pretrain": str(recipe)}
+    config = {"encoders": {"text": spec}, "head": {"num_outputs": 2}}
+    model = build_model(config)  # pretrains into tmp/made, then loads made/text
+    assert sorted(os.listdir(tmp_path / "made")) == sorted(["text", "image", RUN_FOLDER, INFO_NAME])
+    saved = os.path.getmtime(os.path.join(path, "config.json"))
+    assert_same_state(
+        encoder_state(build_model(config).backbone.encoders["text"]),
+        encoder_state(model.backbone.encoders["text"]),
+    )
+    assert os.path.getmtime(os.path.join(path, "config.json")) == saved  # made once
+    spec["path"] = str(tmp_path / "other" / "txt")
+    with pytest.raises(ConfigError, match=r"saves encoders \[.*\] into a folder each, so model.encoders.text.path must"):
+        build_model(config)

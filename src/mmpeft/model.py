@@ -40,6 +40,9 @@ class EncoderSpec:
     """Model config overrides for a randomly initialised encoder (tests, toy runs)."""
     options: dict = field(default_factory=dict)
     """Family-specific keyword options passed to the encoder (e.g. ``pooling``)."""
+    pretrain: str | None = None
+    """Where ``path`` does not exist yet: the pretrain config (a shipped name or a YAML file) that
+    makes it, ``mmpeft pretrain --config NAME --output <path's folder>``, run once on first use."""
 
 
 @dataclass
@@ -97,6 +100,10 @@ def validate_model_spec(data: dict) -> tuple[ModelSpec, dict[str, EncoderSpec], 
 
 
 def build_encoder(modality: str, spec: EncoderSpec) -> Encoder:
+    if spec.path is not None and spec.pretrain is not None:
+        from .pretrain import ensure_pretrained
+
+        ensure_pretrained(spec.path, spec.pretrain, f"model.encoders.{modality}")
     cls = ENCODERS.get(spec.type)
     build = cls.from_config if spec.path is None else cls.from_pretrained
     source = spec.config if spec.path is None else resolve_weights_path(spec.path, modality)

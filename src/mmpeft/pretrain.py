@@ -200,3 +200,25 @@ def pretrain(
         atomic_write_bytes(os.path.join(output_dir, INFO_NAME), json.dumps(info, indent=2).encode())
     trainer.accelerator.wait_for_everyone()
     return info
+
+
+def ensure_pretrained(path: str, config: str, where: str) -> None:
+    """Make the encoder folder ``path`` = ``<output>/<modality>`` by pretraining with ``config``
+    (a shipped pretrain config or a YAML file) into ``<output>``, unless it exists. The first run
+    that needs it pays once (like a dataset built on first use), an interrupted pretraining is
+    resumed, and later runs load the folder."""
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.exists(path):
+        return
+    output, modality = os.path.split(os.path.normpath(path))
+    encoders = list((load_run_config(config, []).get("model") or {}).get("encoders") or {})
+    if modality not in encoders:
+        raise ConfigError(
+            f"{where}.pretrain: {config!r} saves encoders {encoders} into a folder each, so {where}.path "
+            f"must end in one of them, got {path!r}"
+        )
+    log.info("%s: %s does not exist yet; pretraining it once with %r (mmpeft pretrain --config %s --output %s)",
+             where, path, config, config, output)  # fmt: skip
+    pretrain(config, output, resume=os.path.isdir(os.path.join(output, RUN_FOLDER)))  # a killed one continues
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}: pretraining with {config!r} did not write {path!r}")
