@@ -20,6 +20,7 @@ CAPABILITIES = {
     "needs_equal_width": "equal widths",
     "mergeable": "mergeable",
     "may_skip_params": "may skip params",
+    "needs_video_tower": "needs a video tower",
 }
 
 
