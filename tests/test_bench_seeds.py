@@ -152,6 +152,7 @@ def test_train_and_bench_use_the_recipe(tmp_path, capsys):
     assert main([*args, "--output", str(out)]) == 0
     saved = yaml.safe_load((out / "lora" / "config.yaml").read_text())
     assert saved["model"]["methods"][0]["r"] == 3 and saved["train"]["lr"] == 0.01
+    assert json.loads((out / "results.json").read_text())[0]["attached"] == ["lora"]
     per_method.write_text("wander: [model.methods.0.k=4]\n")  # not one of --methods
     assert main([*args, "--output", str(tmp_path / "bench2")]) == 2
     assert "'wander' is not in --methods" in capsys.readouterr().err
@@ -184,3 +185,12 @@ def test_two_bench_calls_into_one_folder_give_one_table(tmp_path, capsys):
         "late_fusion",
         "linear",
     ]
+
+
+def test_a_row_names_what_else_its_recipe_attached():
+    from mmpeft.compare import method_label
+
+    assert method_label({"method": "lora", "attached": ["lora"]}) == "lora"
+    assert method_label({"method": "lora"}) == "lora"  # rows of results.json written before the field
+    row = {"method": "uniadapter", "attached": ["temporal_transformer", "uniadapter"]}
+    assert method_label(row) == "uniadapter (+ temporal_transformer)"

@@ -233,5 +233,7 @@ def test_an_encoder_path_with_pretrain_is_made_on_first_use(tmp_path):
     )
     assert os.path.getmtime(os.path.join(path, "config.json")) == saved  # made once
     spec["path"] = str(tmp_path / "other" / "txt")
-    with pytest.raises(ConfigError, match=r"saves encoders \[.*\] into a folder each, so model.encoders.text.path must"):
+    with pytest.raises(
+        ConfigError, match=r"saves encoders \[.*\] into a folder each, so model.encoders.text.path must"
+    ):
         build_model(config)

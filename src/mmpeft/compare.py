@@ -71,7 +71,9 @@ def compare_methods(
             else:
                 seed = (config.get("train") or {}).get("seed", 0)
             runs.append(run_in_process(ctx, run_config, run_dir, reader_factory, label, seed))
-        rows.append(summarize(method, runs))
+        row = summarize(method, runs)
+        row["attached"] = [e.get("name") for e in (config.get("model") or {}).get("methods") or []]
+        rows.append(row)
     rows = with_earlier_rows(rows, os.path.join(output, "results.json"))
     table = format_table(rows, chance, seeds=seeds is not None)
     print("\n" + table)
@@ -216,6 +218,12 @@ def seeds_cell(row: dict) -> str:
     return f"{row['n_seeds']}/{n} ({word} {failed} failed)"
 
 
+def method_label(row: dict) -> str:
+    """The method's name, plus whatever else its recipe attached (``uniadapter (+ temporal_transformer)``)."""
+    others = [m for m in row.get("attached") or [] if m != row["method"]]
+    return f"{row['method']} (+ {', '.join(others)})" if others else row["method"]
+
+
 def format_table(rows: list[dict], chance: float | None = None, seeds: bool = False) -> str:
     """Markdown table; ``seeds``: add the seeds column and say that values are mean ± std."""
     ok = [r for r in rows if not r.get("failed")]
@@ -228,7 +236,7 @@ def format_table(rows: list[dict], chance: float | None = None, seeds: bool = Fa
         "|---|" + "---:|" * (len(columns) - 1),
     ]
     for r in rows:
-        cells = [r["method"], *([seeds_cell(r)] if seeds else [])]
+        cells = [method_label(r), *([seeds_cell(r)] if seeds else [])]
         if r.get("failed"):
             cells.append("failed")
         else:
