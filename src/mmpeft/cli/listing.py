@@ -115,9 +115,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         from ..methods.applicability import check_applicable
 
         task = config.get("task") if isinstance(config.get("task"), dict) else {}
-        problems = check_applicable(
-            config["model"], task.get("name")
-        )  # from the config alone: nothing is built
+        # from the config alone: nothing is built
+        problems = check_applicable(config["model"], task.get("name"))
         if problems:
             print("\n".join(problems), file=sys.stderr)
             return 2

@@ -182,6 +182,14 @@ def rows_per_example(encoder: nn.Module) -> int:
     return int(getattr(encoder, "rows_per_example", 1))
 
 
+def video_towers(method: str, encoders: dict, modalities: list[str], purpose: str) -> list[str]:
+    """The ``modalities`` whose towers run several frames per example; none is an error naming ``method``."""
+    video = [m for m in modalities if rows_per_example(encoders[m]) > 1]
+    if not video:
+        raise ValueError(f"{method}: the model has no video tower (type: video) {purpose}")
+    return video
+
+
 def refuse_frame_batches(method: str, encoders: dict, modalities: list[str]) -> None:
     """Methods that exchange tokens between towers inside the blocks need one row per example."""
     video = [m for m in modalities if rows_per_example(encoders[m]) > 1]

@@ -14,7 +14,7 @@ for toy and tiny configs; a ``path`` loads its weights) and reads their ``num_la
 
 from __future__ import annotations
 
-from ..registry import ENCODERS, METHODS
+from ..registry import ENCODERS, METHODS, TASKS
 from .base import MethodConfig, TowerInfo
 
 
@@ -34,12 +34,9 @@ def tower_infos(model_config: dict, build: bool = False) -> dict[str, TowerInfo]
     return {m: TowerInfo(s.type, static_num_layers(s.type)) for m, s in encoders.items()}
 
 
-TWO_TOWER_TASKS = ("retrieval",)
-"""Tasks that embed each modality on its own: a fusion of all modalities has nothing to feed."""
-
-
 def task_reason(method, task: str | None) -> str | None:
-    if task in TWO_TOWER_TASKS and method.provides_fusion:
+    """Why ``method`` cannot serve the registered task named ``task`` (None: it can, or unknown)."""
+    if task in TASKS and TASKS.get(task).two_towers and method.provides_fusion:
         return (
             f"fuses all modalities into one feature, but {task} embeds each modality on its own (two towers)"
         )

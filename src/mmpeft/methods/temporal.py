@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..encoders.base import EncoderState
-from ..encoders.video import rows_per_example
+from ..encoders.video import rows_per_example, video_towers
 from ..registry import register_method
 from .base import Method, MethodConfig
 
@@ -55,11 +55,7 @@ class TemporalEmbedding(Method):
     @classmethod
     def attach(cls, model, cfg: TemporalConfig):
         encoders = model.backbone.encoders
-        mods = [m for m in cls.modalities(model, cfg) if rows_per_example(encoders[m]) > 1]
-        if not mods:
-            raise ValueError(
-                "temporal: the model has no video tower (type: video) to add frame embeddings to"
-            )
+        mods = video_towers(cls.name, encoders, cls.modalities(model, cfg), "to add frame embeddings to")
         container = nn.ModuleDict()
         for m in mods:
             [i] = model.backbone.resolve_layers(m, [cfg.layer])

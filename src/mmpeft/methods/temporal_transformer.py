@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..encoders.video import BLIP_POOLS_FRAMES, rows_per_example
+from ..encoders.video import BLIP_POOLS_FRAMES, video_towers
 from ..registry import register_method
 from .base import Method, MethodConfig
 
@@ -97,11 +97,9 @@ class TemporalTransformer(Method):
                 "temporal_transformer: acts after the towers' blocks; set 'depth', not 'layers'"
             )
         encoders = model.backbone.encoders
-        mods = [m for m in cls.modalities(model, cfg) if rows_per_example(encoders[m]) > 1]
-        if not mods:
-            raise ValueError(
-                "temporal_transformer: the model has no video tower (type: video) whose frames it could mix"
-            )
+        mods = video_towers(cls.name, encoders, cls.modalities(model, cfg), "whose frames it could mix")
+        if getattr(model.peft["head"] if "head" in model.peft else None, "pools_frames", False):
+            raise ConfigError(f"temporal_transformer: {BLIP_POOLS_FRAMES}")
         container = nn.ModuleDict()
         for m in mods:
             encoder = encoders[m]
@@ -114,8 +112,6 @@ class TemporalTransformer(Method):
             mixer = FrameMixer(
                 encoder.frames, encoder.dim, width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout
             )
-            if getattr(model.peft["head"] if "head" in model.peft else None, "pools_frames", False):
-                raise ConfigError(f"temporal_transformer: {BLIP_POOLS_FRAMES}")
             encoder.set_frame_mixer(mixer)
             container[m] = mixer
         return container

@@ -58,6 +58,8 @@ class Task:
     config_class: ClassVar[type[TaskConfig]] = TaskConfig
     primary: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
+    two_towers: ClassVar[bool] = False
+    """Embeds each modality on its own (retrieval): a fusion of all modalities has nothing to feed."""
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg

@@ -217,6 +217,7 @@ class RetrievalTask(Task):
     config_class = RetrievalConfig
     primary = "rsum"
     higher_is_better = True
+    two_towers = True
 
     def __init__(self, cfg: RetrievalConfig):
         super().__init__(cfg)
@@ -247,12 +248,14 @@ class RetrievalTask(Task):
         missing = [m for m in self.cfg.modalities if m not in encoders]
         if missing:
             raise ValueError(f"retrieval: the model has no encoder for {missing}; it has {sorted(encoders)}")
-        fusion = next((k for k, m in model.methods.items() if m.provides_fusion), None)
-        if fusion is not None:  # its parameters would never get a gradient
-            raise ValueError(
-                f"retrieval: method {fusion!r} fuses all modalities into one feature, but retrieval embeds "
-                "each modality on its own (two towers); use linear, probe or a method inside the towers"
-            )
+        from ..methods.applicability import task_reason
+
+        for key, method in model.methods.items():  # a fusion's parameters would never get a gradient
+            reason = task_reason(method, self.name)
+            if reason is not None:
+                raise ValueError(
+                    f"retrieval: method {key!r} {reason}; use linear, probe or a method inside the towers"
+                )
         head = model.peft["head"] if "head" in model.peft else None
         if not getattr(head, "takes_states", False):  # else a method installed its own head (BLIP)
             dims = {m: encoders[m].dim for m in self.cfg.modalities}
