@@ -29,17 +29,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_toy(out: str, *args: str) -> subprocess.CompletedProcess:
+    """``mmpeft train --config toy ARGS --output OUT`` on two CPU processes through torchrun."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "mmpeft.cli.main", "train", "--config", "toy", *args, "--output", out,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
 @pytest.mark.parametrize("method", ["lora", "uniadapter"])  # uniadapter: may_skip_params -> find_unused
 def test_two_process_run_matches_one_process_with_the_global_batch(method, tmp_path):
     overrides = [f"method={method}", "train.tensorboard=false", "train.cpu=true", "train.epochs=3"]
     out = str(tmp_path / "ddp")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "mmpeft.cli.main", "train", "--config", "toy", *overrides, "--output", out,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = torchrun_toy(out, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(out, "metrics.json")) as f:
         ddp = json.load(f)

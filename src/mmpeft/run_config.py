@@ -69,6 +69,10 @@ class TrainConfig:
     aot_eager (traced, no code generation)."""
     cpu: bool = False
     """Train on the CPU even when a GPU is available."""
+    fsdp: bool = False
+    """Shard every all-frozen encoder block over the processes with FSDP2 (``fully_shard``); the
+    trainable modules stay whole and their gradients are averaged (train/sharding.py). Also on
+    when ``accelerate launch`` is given an FSDP config. Needs torchrun or accelerate launch."""
     patience: int = 0
     """Stop after this many evaluations without improvement on the validation split (0: never)."""
     head_init: Literal["default", "probe"] = "default"

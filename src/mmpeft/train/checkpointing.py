@@ -164,3 +164,8 @@ def load_newest_readable(root: str) -> tuple[str, dict, dict, dict | None] | Non
                 ) from None
             log.warning("resume: %s; trying the one before", e)
     return None
+
+
+def to_model_device(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """Checkpointed tensors (on the CPU) moved to where the model lives."""
+    return {k: v.to(device) for k, v in tensors.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from ..data.base import DatasetReader
 from ..model import MultimodalModel, build_model
 from ..optional import require
 from ..run_config import ValidatedRun, validate_run_config
+from .sharding import fsdp_requested
 
 log = logging.getLogger("mmpeft")
 
@@ -91,7 +93,19 @@ def make_accelerator(train_cfg, find_unused_parameters: bool = False):
         log.warning("train.mixed_precision=fp16 is ignored on the CPU (bf16 works there)")
         precision = "no"
     release_other_precision(precision)
+    if fsdp_requested(train_cfg):  # mmpeft shards the frozen blocks itself (train/sharding.py)
+        os.environ["MMPEFT_FSDP"], os.environ["ACCELERATE_USE_FSDP"] = "true", "false"
     handlers = []
     if find_unused_parameters:  # a method may leave parameters without gradient in a step
         handlers.append(accelerate.DistributedDataParallelKwargs(find_unused_parameters=True))
     return accelerate.Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=handlers)
+
+
+def compiled(module: torch.nn.Module, train_cfg) -> torch.nn.Module:
+    """``torch.compile(module)`` under ``train.compile`` with its checked backend, else the module."""
+    if not train_cfg.compile:
+        return module
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if train_cfg.compile_backend not in backends:
+        raise ConfigError(f"train.compile_backend {train_cfg.compile_backend!r} is not one of {backends}")
+    return torch.compile(module, backend=train_cfg.compile_backend)

@@ -31,7 +31,6 @@ from torch.utils.data import ConcatDataset
 
 from ..adapter_io import adapter_state_dict, save_adapter
 from ..checkpoint import atomic_write_bytes
-from ..config import ConfigError
 from ..data.base import DataError
 from ..missing import dropout_rates
 from ..profiling import peak_memory
@@ -39,14 +38,15 @@ from ..report import parameter_counts, trainable_and_total
 from ..run_config import check_same_config, dump_yaml, read_yaml
 from .batches import epoch_batches
 from .cache import PrefixCache, TrainModule, cacheable_step, open_stores
-from .checkpointing import load_newest_readable, restore_rng, rng_state, save_checkpoint
+from .checkpointing import load_newest_readable, restore_rng, rng_state, save_checkpoint, to_model_device
 from .contribution import modality_contributions
 from .evaluation import device_batch, evaluate, forward_options, join_splits, split_loader
 from .feature_store import cache_root
 from .modality_dropout import drop_modalities
 from .optim import build_optimizer, build_scheduler
 from .progress import progress_bar
-from .setup import build_components, make_accelerator
+from .setup import build_components, compiled, make_accelerator
+from .sharding import average_gradients, fsdp_requested, shard_frozen_blocks
 
 log = logging.getLogger("mmpeft")
 
@@ -106,6 +106,7 @@ class Trainer:
         may_skip = any(m.may_skip_params for m in self.model.methods.values())
         may_skip |= self.model.missing.placeholder is not None  # unused in a batch where all is present
         self.modality_dropout = dropout_rates(self.cfg.modality_dropout, self.model.backbone.modalities)
+        self.fsdp = fsdp_requested(self.cfg)
         self.accelerator = make_accelerator(self.cfg, find_unused_parameters=may_skip)
         self.generator = torch.Generator()
         self.best_state: dict | None = None
@@ -167,16 +168,12 @@ class Trainer:
         self.module = TrainModule(self.model, self.cache_step)
         optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(optimizer, self.cfg, self.total_steps)
-        self.wrapped, self.optimizer = acc.prepare(self.module, optimizer)
+        if self.fsdp:  # no DDP wrapper: frozen blocks are sharded below, the rest averaged by hand
+            self.wrapped, self.optimizer = self.module.to(acc.device), acc.prepare(optimizer)
+        else:
+            self.wrapped, self.optimizer = acc.prepare(self.module, optimizer)
         # what a training step calls: the prepared module, compiled when asked (no_sync stays on wrapped)
-        self.step_module = self.wrapped
-        if self.cfg.compile:
-            backends = torch._dynamo.list_backends(exclude_tags=())
-            if self.cfg.compile_backend not in backends:
-                raise ConfigError(
-                    f"train.compile_backend {self.cfg.compile_backend!r} is not one of {backends}"
-                )
-            self.step_module = torch.compile(self.wrapped, backend=self.cfg.compile_backend)
+        self.step_module = compiled(self.wrapped, self.cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.prefix_cache:
             self._build_caches()
@@ -186,6 +183,8 @@ class Trainer:
             self.head_init_info = init_head_from_probe(self)
             log.info("head initialised by the probe: alpha %g, val %s", self.head_init_info["alpha"],
                      fmt(self.head_init_info["val"]))  # fmt: skip
+        if self.fsdp and not self.closed_form:  # after the cache and the probe fit, which run blocks alone
+            self.fsdp_info = shard_frozen_blocks(self.model)
 
     def _build_caches(self) -> None:
         """States of the frozen prefix for every split, through the shared on-disk store.
@@ -346,6 +345,8 @@ class Trainer:
                 step_loss += self._checked_loss(loss, st, st.batch + j, batch) / len(micro)
                 acc.backward(loss / len(micro))
             st.samples += len(batch["targets"]) * acc.num_processes
+        if self.fsdp:
+            average_gradients(self.params)
         if self.cfg.grad_clip > 0:
             acc.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
@@ -583,6 +584,7 @@ class Trainer:
             "world_size": self.accelerator.num_processes,
             # how the processes share the work: NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
             "distributed_type": str(self.accelerator.distributed_type).rsplit(".", 1)[-1],
+            "fsdp": getattr(self, "fsdp_info", None),  # frozen blocks sharded (train.fsdp)
             "prefix_cache": getattr(self, "cache_info", None),
             "refit": getattr(self, "refit_info", None),
             "head_init": getattr(self, "head_init_info", None),
@@ -590,10 +592,6 @@ class Trainer:
             "test": test,
             "history": st.history,
         }
-
-
-def to_model_device(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def fmt(metrics: dict[str, float]) -> str:
