@@ -159,7 +159,11 @@ def reference_logits(model, batch):
             fcp = [getattr(layer.fcp, m).expand(B, -1, -1)] if hasattr(layer.fcp, m) else []
             extra = torch.cat([*fcp, queries[m]], dim=1)
             y = enc[m].run_block(index[m], with_tokens(x[m], extra))
-            new[m] = y.replace(tokens=y.tokens[:, :T], pad_mask=x[m].pad_mask)
+            tokens = y.tokens[:, :T]
+            if layer.gates is not None:  # prompt_gate: X + g (X_prompted - X)
+                plain = enc[m].run_block(index[m], x[m]).tokens
+                tokens = plain + layer.gates[m] * (tokens - plain)
+            new[m] = y.replace(tokens=tokens, pad_mask=x[m].pad_mask)
         x = new
     pooled = [enc[m].pool(enc[m].finalize(x[m])) for m in (a, b)]
     head = model.peft["head"]
@@ -183,6 +187,28 @@ def test_matches_the_algorithm_written_out(kind):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(batch)["logits"], reference_logits(model, batch))
+
+
+def test_prompt_gate_starts_at_the_frozen_model_and_then_blends_as_written_out():
+    model, batch = pmf_model(prompt_gate=True, head="concat"), toy_batch(BACKBONES["pair"])
+    model.eval()
+    logits = model(batch)["logits"]
+    with torch.no_grad(), model.adapters_disabled():  # the frozen towers under the same head
+        states = model.backbone(batch)
+        frozen = model.peft["head"](states, model.backbone)
+    torch.testing.assert_close(logits, frozen)
+    logits.square().mean().backward()
+    layer = model.peft["pmf"].layers[0]
+    assert all(g.grad is not None and g.grad.abs() > 0 for g in layer.gates.values())
+    assert layer.pairs["text"]["image"].qp.grad.abs().sum() == 0  # no signal through a closed gate
+    with torch.no_grad():
+        for j, layer in enumerate(model.peft["pmf"].layers):
+            for k, g in enumerate(layer.gates.values()):
+                g.fill_(0.3 + 0.2 * j - 0.5 * k)
+        torch.testing.assert_close(model(batch)["logits"], reference_logits(model, batch))
+        assert not torch.allclose(model(batch)["logits"], frozen)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count == sum(p.numel() for p in pmf_model(head="concat").parameters() if p.requires_grad) + 4
 
 
 def tail_cases():

@@ -47,6 +47,12 @@ class PMFConfig(MethodConfig):
     """average: one head per modality, logits averaged; concat: one head on the concatenated features."""
     init_std: float = 0.02
     """Standard deviation of the prompts' normal initialisation."""
+    prompt_gate: bool = False
+    """Not in the paper: blend each fusion-stage output as X + g (X_prompted - X) with X the frozen
+    block's output without prompts and g a learned scalar per layer and modality starting at 0 (the
+    zero-initialised gating of LLaMA-Adapter, Zhang et al., arXiv 2303.16199), so the model starts
+    exactly at its frozen features (and at a head fitted on them) instead of where random prompts
+    put it. Costs one more frozen block pass per modality in each fusion layer."""
 
 
 def append_tokens(state: EncoderState, extra: Tensor, extra_pad: Tensor | None = None) -> EncoderState:
@@ -92,10 +98,20 @@ class FusionLayer(nn.Module):
     """One PMF fusion layer over the given modalities: pair prompts and per-modality FCPs."""
 
     def __init__(
-        self, dims: dict, hidden: int, num_qp: int, num_qcp: int, num_fcp: int, std: float, train_fcp: bool
+        self,
+        dims: dict,
+        hidden: int,
+        num_qp: int,
+        num_qcp: int,
+        num_fcp: int,
+        std: float,
+        train_fcp: bool,
+        gate: bool = False,
     ):
         super().__init__()
         self.num_qp = num_qp
+        # prompt_gate: one zero-initialised blend factor per target modality
+        self.gates = nn.ParameterDict({b: nn.Parameter(torch.zeros(())) for b in dims}) if gate else None
         self.masks_absent = True  # queries from a modality an example lacks are not attended
         self.pairs = nn.ModuleDict(
             {
@@ -134,9 +150,16 @@ class FusionLayer(nn.Module):
                 parts.insert(0, fcp.expand(B, -1, -1))  # pragma: no mutate  (B, M_fc, d_b)
             extra = torch.cat(parts, dim=1)  # (B, M_fc + (M-1) M_q, d_b)
             extra_pad = self.skip_absent(skipped[b], B, extra.shape[1], s.tokens.device)
-            y = backbone.run_block(b, backbone.layer_at(b, step), append_tokens(s, extra, extra_pad))
-            out[b] = drop_last(y, extra.shape[1])  # (B, T_b, d_b)
+            i = backbone.layer_at(b, step)
+            y = drop_last(backbone.run_block(b, i, append_tokens(s, extra, extra_pad)), extra.shape[1])
+            out[b] = y if self.gates is None else self.blend(y, backbone.run_block(b, i, s), self.gates[b])
         return out
+
+    @staticmethod
+    def blend(prompted: EncoderState, plain: EncoderState, gate: Tensor) -> EncoderState:
+        """X + g (X_prompted - X): the frozen block's output where g = 0 (prompt_gate)."""
+        g = gate.to(plain.tokens.dtype)  # pragma: no mutate (a half-precision cast)
+        return prompted.replace(tokens=plain.tokens + g * (prompted.tokens - plain.tokens))  # (B, T_b, d_b)
 
     def skip_absent(self, rows: list[Tensor | None], B: int, width: int, device) -> Tensor | None:
         """(B, width) True on the mapped queries of modalities an example lacks (the FCPs, first,
@@ -233,7 +256,16 @@ class PMF(Method):
         dims = {m: backbone.encoders[m].dim for m in mods}
         hidden = cfg.mlp_hidden or max(dims.values()) // 2
         layers = [
-            FusionLayer(dims, hidden, cfg.num_qp, cfg.num_qcp, cfg.num_fcp, cfg.init_std, cfg.train_fcp)
+            FusionLayer(
+                dims,
+                hidden,
+                cfg.num_qp,
+                cfg.num_qcp,
+                cfg.num_fcp,
+                cfg.init_std,
+                cfg.train_fcp,
+                cfg.prompt_gate,
+            )
             for _ in range(K)
         ]
         for layer in layers:
