@@ -91,6 +91,23 @@ def test_probe_retrieval_maps_one_modality_into_the_other():
         Trainer(toy(*over[1:], "task={name: retrieval, modalities: [text, image], embed_dim: 16}")).fit()
 
 
+def test_retrieval_diagonal_target_projection_holds_the_ridge_map_exactly():
+    over = ["method=probe", "model.methods.0.alphas=[10.0]", "train.modality_contribution=false"]
+    task = "task={name: retrieval, modalities: [text, image], embed_dim: 32"
+    full = Trainer(toy(*over, task + "}"))
+    diagonal = Trainer(toy(*over, task + ", diagonal_projection: [image]}"))
+    a, b = full.fit(), diagonal.fit()
+    assert b["test"] == pytest.approx(a["test"], abs=1e-6)  # the same ranking from 2·32 parameters
+    proj = diagonal.model.peft["head"].proj["image"]
+    assert sum(p.numel() for p in proj.parameters()) == 64
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(proj(x), full.model.peft["head"].proj["image"](x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="needs a full projection for 'text'"):
+        Trainer(toy(*over, task + ", diagonal_projection: [text]}")).fit()
+    with pytest.raises(Exception, match="diagonal_projection names \\['audio'\\]"):
+        Trainer(toy(*over, task + ", diagonal_projection: [audio]}"))
+
+
 def test_probe_refuses_a_hidden_head_and_chosen_modalities():
     with pytest.raises(Exception, match="linear head"):
         Trainer(toy("method=probe", "model.head.hidden=8"))

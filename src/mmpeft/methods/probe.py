@@ -225,6 +225,10 @@ class RetrievalProbe:
                 f"probe: retrieval maps {self.a!r} into the feature space of {self.b!r}, so task.embed_dim "
                 f"must equal its width {dim_b} (got {self.proj[self.b].out_features})"
             )
+        if self.proj[self.a].weight.dim() == 1:
+            raise ValueError(
+                f"probe: the ridge map needs a full projection for {self.a!r}; take it out of task.diagonal_projection"
+            )
 
     def data(self, source) -> tuple[np.ndarray, np.ndarray]:
         feats, _ = collect(self.trainer, source)
@@ -235,7 +239,13 @@ class RetrievalProbe:
         mean_b, std_b = standardise(y)
         w, b = fit_ridge((x - mean_a) / std_a, (y - mean_b) / std_b, alpha)
         fold(self.proj[self.a], w, b, mean_a, std_a)
-        fold(self.proj[self.b], np.eye(len(mean_b)), np.zeros(len(mean_b)), mean_b, std_b)
+        target = self.proj[self.b]
+        if target.weight.dim() == 1:  # a diagonal projection (task.diagonal_projection)
+            with torch.no_grad():
+                target.weight.copy_(torch.as_tensor(1.0 / std_b, dtype=target.weight.dtype))
+                target.bias.copy_(torch.as_tensor(-mean_b / std_b, dtype=target.bias.dtype))
+        else:
+            fold(target, np.eye(len(mean_b)), np.zeros(len(mean_b)), mean_b, std_b)
 
 
 def fit_closed_form(trainer) -> list[dict[str, Any]]:

@@ -85,6 +85,33 @@ class RetrievalConfig(TaskConfig):
     cosine to the hubness_k nearest items of the other modality in the training split (see above)."""
     hubness_k: int = 10
     """Neighbours in the reference bank that measure an item's hubness (Conneau et al.: 10)."""
+    diagonal_projection: list[str] = field(default_factory=list)
+    """Modalities whose projection is a per-feature scale and shift instead of a full matrix (their
+    width must equal ``embed_dim``): the ridge map's target side is only a standardisation, so a
+    diagonal holds it exactly with 2·D parameters instead of D² + D."""
+
+
+class DiagonalLinear(nn.Module):
+    """y = weight * x + bias, per feature (a linear map restricted to the diagonal)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_features = self.out_features = dim
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight + self.bias
+
+
+def projection(dim: int, embed_dim: int, diagonal: bool) -> nn.Module:
+    if not diagonal:
+        return nn.Linear(dim, embed_dim)
+    if dim != embed_dim:
+        raise ValueError(
+            f"retrieval: a diagonal projection keeps the width, so embed_dim must be {dim} (got {embed_dim})"
+        )
+    return DiagonalLinear(dim)
 
 
 class RetrievalHead(nn.Module):
@@ -93,10 +120,16 @@ class RetrievalHead(nn.Module):
     takes_states = True
 
     def __init__(
-        self, dims: dict[str, int], embed_dim: int, temperature: float, learn: bool, max_scale: float
+        self,
+        dims: dict[str, int],
+        embed_dim: int,
+        temperature: float,
+        learn: bool,
+        max_scale: float,
+        diagonal: tuple[str, ...] = (),
     ):
         super().__init__()
-        self.proj = nn.ModuleDict({m: nn.Linear(d, embed_dim) for m, d in dims.items()})
+        self.proj = nn.ModuleDict({m: projection(d, embed_dim, m in diagonal) for m, d in dims.items()})
         init = torch.tensor(math.log(1.0 / temperature))
         if learn:
             self.logit_scale = nn.Parameter(init)
@@ -231,6 +264,9 @@ class RetrievalTask(Task):
         unknown = [m for m in self.dedupe if m not in cfg.modalities]
         if unknown:
             raise ValueError(f"retrieval: gallery_by_id names {unknown}, not one of {cfg.modalities}")
+        unknown = [m for m in cfg.diagonal_projection if m not in cfg.modalities]
+        if unknown:
+            raise ValueError(f"retrieval: diagonal_projection names {unknown}, not one of {cfg.modalities}")
         if cfg.itm_weight < 0 or cfg.rerank_k < 0 or cfg.rerank_batch_size <= 0:
             raise ValueError("retrieval: itm_weight and rerank_k must be >= 0, rerank_batch_size > 0")
         if cfg.hubness_k < 1:
@@ -260,7 +296,14 @@ class RetrievalTask(Task):
         if not getattr(head, "takes_states", False):  # else a method installed its own head (BLIP)
             dims = {m: encoders[m].dim for m in self.cfg.modalities}
             c = self.cfg
-            head = RetrievalHead(dims, c.embed_dim, c.temperature, c.learn_temperature, c.max_logit_scale)
+            head = RetrievalHead(
+                dims,
+                c.embed_dim,
+                c.temperature,
+                c.learn_temperature,
+                c.max_logit_scale,
+                tuple(c.diagonal_projection),
+            )
             model.set_head(head)
         self.configure_itm(head)
 
