@@ -20,7 +20,6 @@ from mmpeft.run_config import load_run_config
 from mmpeft.train import Trainer
 from test_ddp import free_port, torchrun_toy
 
-pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,6 +31,7 @@ def metrics_of(out: str) -> dict:
 COMMON = ["train.tensorboard=false", "train.cpu=true", "train.epochs=3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "pmf"])  # pmf: its query stage runs a block's tail
 def test_two_process_fsdp_trains_like_one_process_and_saves_the_same_adapter(method, tmp_path):
     out = str(tmp_path / "fsdp")
@@ -55,6 +55,7 @@ def test_two_process_fsdp_trains_like_one_process_and_saves_the_same_adapter(met
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_the_fsdp_config_shards_and_a_killed_run_resumes_exactly(tmp_path):
     config = os.path.join(ROOT, "examples", "accelerate", "fsdp-cpu-2-processes.yaml")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
@@ -81,3 +82,20 @@ def test_accelerate_launch_with_the_fsdp_config_shards_and_a_killed_run_resumes_
     resumed = metrics_of(killed)
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in expected["history"]]
     assert resumed["test"] == expected["test"]
+
+
+def test_an_fsdp_launch_keeps_accelerate_from_wrapping_and_train_fsdp_alone_sets_nothing(monkeypatch):
+    from mmpeft.run_config import TrainConfig
+    from mmpeft.train.setup import make_accelerator
+    from mmpeft.train.sharding import fsdp_requested
+
+    monkeypatch.setenv("MMPEFT_FSDP", "false")  # set, so that monkeypatch restores it afterwards
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    make_accelerator(TrainConfig(fsdp=True, cpu=True))
+    assert os.environ["MMPEFT_FSDP"] == "false"  # the next run of this process is not sharded unasked
+    assert fsdp_requested(TrainConfig(fsdp=True)) and not fsdp_requested(TrainConfig())
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    assert fsdp_requested(TrainConfig())
+    make_accelerator(TrainConfig(cpu=True))
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false" and os.environ["MMPEFT_FSDP"] == "true"
+    assert fsdp_requested(TrainConfig())

@@ -19,7 +19,6 @@ from ..data.base import DatasetReader
 from ..model import MultimodalModel, build_model
 from ..optional import require
 from ..run_config import ValidatedRun, validate_run_config
-from .sharding import fsdp_requested
 
 log = logging.getLogger("mmpeft")
 
@@ -93,7 +92,9 @@ def make_accelerator(train_cfg, find_unused_parameters: bool = False):
         log.warning("train.mixed_precision=fp16 is ignored on the CPU (bf16 works there)")
         precision = "no"
     release_other_precision(precision)
-    if fsdp_requested(train_cfg):  # mmpeft shards the frozen blocks itself (train/sharding.py)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # launched with an FSDP config: mmpeft shards the frozen blocks itself (train/sharding.py),
+        # so Accelerate must not wrap the model; every run of this launch keeps train.fsdp on
         os.environ["MMPEFT_FSDP"], os.environ["ACCELERATE_USE_FSDP"] = "true", "false"
     handlers = []
     if find_unused_parameters:  # a method may leave parameters without gradient in a step
