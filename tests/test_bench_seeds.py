@@ -167,6 +167,13 @@ def test_bench_run_again_keeps_the_runs_that_finished(tmp_path, capsys):
     assert main(args) == 0
     assert "finished earlier" in capsys.readouterr().out
     assert json.load(open(os.path.join(out, "results.json")))[0]["test"] == first[0]["test"]
+    saved = os.path.join(out, "linear", "seed0", "config.yaml")  # as a version without train.fsdp wrote it
+    config = yaml.safe_load(open(saved))
+    del config["train"]["fsdp"]
+    with open(saved, "w") as f:
+        yaml.safe_dump(config, f)
+    assert main(args) == 0  # an option added since then is compared at its default
+    assert "finished earlier" in capsys.readouterr().out
     assert main([*args, "train.lr=0.01"]) == 0  # another config: trained again
     assert "finished earlier" not in capsys.readouterr().out
 

@@ -459,13 +459,14 @@ def apply_overrides_and_recipe(config: dict, overrides: list[str] | tuple[str, .
 
 
 def check_same_config(saved: dict, current: dict, path: str) -> None:
-    """A resumed run must use the config it started with (runtime-only train options may change)."""
+    """A resumed run must use the config it started with (runtime-only train options may change).
+    Both are validated first, so an option added since the run was written counts at its default."""
 
     def comparable(cfg: dict) -> dict:
         train = {k: v for k, v in cfg.get("train", {}).items() if k not in RUNTIME_ONLY}
         return {**cfg, "train": train}
 
-    a, b = comparable(saved), comparable(current)
+    a, b = (comparable(validate_run_config(copy.deepcopy(c)).config) for c in (saved, current))
     if a != b:
         diffs = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise ConfigError(f"--resume: the config differs from the run's {path} in sections {diffs}")
