@@ -37,15 +37,18 @@ def fsdp_requested(train_cfg) -> bool:
     return bool(train_cfg.fsdp) or any(env)
 
 
-def shard_frozen_blocks(model: nn.Module) -> dict[str, int]:
-    """fully_shard every all-frozen block of every encoder; {"sharded_blocks", "whole_blocks"}."""
-    from torch.distributed.fsdp import fully_shard
+def shard_frozen_blocks(model: nn.Module) -> dict[str, float]:
+    """fully_shard every all-frozen block of every encoder; what was sharded and the parameter MB
+    each process holds against the whole model's."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     join_process_group(next(model.parameters()).device)
     sharded = whole = 0
     for enc in model.backbone.encoders.values():
         blocks = [enc.block(i) for i in range(enc.num_layers)]
         for block in blocks:
+            if isinstance(block, FSDPModule):  # one module behind two encoders (a video tower's image blocks)
+                continue
             if any(p.requires_grad for p in block.parameters()):
                 whole += 1  # its trainable parameters stay whole, like the methods' modules
                 continue
